@@ -1,0 +1,102 @@
+"""`load`: build a dataset of this package on first use and open it for reading."""
+import contextlib
+import fcntl
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from core.data import digits
+from core.data import image_crops
+from core.data import pipeline
+from core.data import tfds_util
+from core.data import two_d
+
+BUILDERS: dict[str, type[tfds_util.Builder]] = {
+    'image_crops': image_crops.ImageCrops,
+    'digits': digits.Digits,
+    'two_d': two_d.TwoD,
+}
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> str:
+  """`$TFDS_DATA_DIR` if set, else `<repo root>/.cache/tfds` (git-ignored)."""
+  return os.environ.get('TFDS_DATA_DIR') or str(_REPO_ROOT / '.cache' / 'tfds')
+
+
+def config_names(name: str) -> list[str]:
+  """The BuilderConfig names of dataset `name`."""
+  if name not in BUILDERS:
+    raise ValueError(f'name must be one of {sorted(BUILDERS)}, got {name!r}')
+  return [c.name for c in BUILDERS[name].BUILDER_CONFIGS]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Holds an exclusive flock on `path` (created if missing)."""
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load(name: str, split: str, *, config: str | None = None,
+         data_dir: str | None = None):
+  """Random-access source of `name/config` `split`, built into `data_dir` if missing.
+
+  Args:
+    name: one of `BUILDERS` ('image_crops', 'digits', 'two_d').
+    split: a split of that dataset; tfds slicing such as 'train[:100]' works.
+    config: a BuilderConfig name (e.g. 's32', 'r16', 'double_ring'); None means
+      the dataset's first config.
+    data_dir: where datasets live; None means `default_data_dir()`.
+
+  Returns:
+    `tfds.data_source(...)`'s result: supports len(), `source[i]` and
+    `source.__getitems__(indices)`, giving dicts of numpy arrays.
+  """
+  configs = config_names(name)
+  config = configs[0] if config is None else config
+  if config not in configs:
+    raise ValueError(f'config of {name!r} must be one of {configs}, '
+                     f'got {config!r}')
+  data_dir = data_dir or default_data_dir()
+  os.makedirs(data_dir, exist_ok=True)
+  # tfds writes into a temporary folder and renames it, but a second process
+  # racing on the same dataset fails at that rename (and both write the
+  # dataset's shared default-config file), so processes take turns per dataset.
+  with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
+    builder = tfds_util.make_builder(BUILDERS[name], config, data_dir)
+    builder.download_and_prepare()
+  splits = sorted(builder.info.splits)
+  if split.split('[')[0] not in splits:
+    raise ValueError(f'split of {name}/{config} must be one of {splits}, '
+                     f'got {split!r}')
+  return tfds.data_source(f'{name}/{config}', split=split, data_dir=data_dir)
+
+
+def load_in_memory(name: str, split: str, *, config: str | None = None,
+                   data_dir: str | None = None) -> pipeline.InMemorySource:
+  """`load(...)` read whole into numpy arrays, cached beside the dataset.
+
+  Decoding tfds records one by one takes seconds for the larger splits (65536
+  two_d points: ~7 s); the decoded arrays are saved once as
+  `<dataset dir>/<split>.npz` and every later call reads that file instead.
+  """
+  source = load(name, split, config=config, data_dir=data_dir)
+  config = config or config_names(name)[0]
+  data_dir = data_dir or default_data_dir()
+  builder = tfds_util.make_builder(BUILDERS[name], config, data_dir)
+  cache = os.path.join(builder.data_dir, f'{split}.npz')
+  with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
+    if not os.path.exists(cache):
+      arrays = pipeline.InMemorySource(source).arrays
+      tmp = cache + f'.{os.getpid()}.tmp.npz'
+      np.savez(tmp, **arrays)
+      os.replace(tmp, cache)
+  with np.load(cache) as f:
+    return pipeline.InMemorySource(arrays={k: f[k] for k in f.files})

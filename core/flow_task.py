@@ -1,0 +1,142 @@
+"""The rectified-flow training task behind `flow_2d` and `flow_images` (registered as "flow_matching").
+
+Later methods reuse these models: `build_model(config)` gives the network, `make_sampler(config)` the
+(guided) Euler sampler, and `core.train.restore_params(workdir)` the trained parameters.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from core import data, flow, nn, registry, train, writers
+
+
+def build_model(config: ml_collections.ConfigDict):
+  """The velocity network v(x_t, t, y) named by `config.model.kind` ("mlp" | "dit")."""
+  mc = config.model
+  dtype = train.compute_dtype(config.train.compute_dtype)
+  if mc.kind == "mlp":
+    return nn.FlowMLP(width=mc.width, depth=mc.depth, num_classes=mc.num_classes, dtype=dtype)
+  if mc.kind == "dit":
+    return nn.DiT(patch_size=mc.patch_size, width=mc.width, depth=mc.depth, num_heads=mc.num_heads,
+                  mlp_ratio=mc.mlp_ratio, num_classes=mc.num_classes, pos_embed=mc.pos_embed,
+                  modulation=mc.modulation, mlp=mc.mlp, attn_impl=mc.attention, dtype=dtype)
+  raise ValueError(f"config.model.kind={mc.kind!r}; expected one of ['dit', 'mlp']")
+
+
+def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Shape of one training example x0 (without the batch dimension)."""
+  source = data.load(config.data.name, "train", config=config.data.config)
+  return tuple(np.asarray(source[0][config.data.field]).shape)
+
+
+def to_model_input(example: dict, rng: np.random.Generator, config: ml_collections.ConfigDict) -> dict:
+  """One raw example -> {"x": float32 (images in [-1, 1]), "y": int32 label (0 when unconditional)}."""
+  x = np.asarray(example[config.data.field])
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / 127.5 - 1.0
+    if config.data.get("random_flip", False) and rng.random() < 0.5:
+      x = x[:, ::-1]
+  y = int(example[config.data.label_field]) if config.data.label_field else 0
+  return {"x": x.astype(np.float32), "y": np.int32(y)}
+
+
+def make_sampler(config: ml_collections.ConfigDict, model=None) -> Callable:
+  """(params, x_T, y) -> x_0 by Euler on the shifted grid of `config.flow`, with CFG when conditional.
+
+  x_T: [B, *example_shape] standard normal; y: int [B] (ignored when unconditional).
+  """
+  model = model or build_model(config)
+  fc, num_classes = config.flow, config.model.num_classes
+  grid = flow.time_grid(fc.sample_steps, shift=fc.sample_shift)
+
+  def sample(params, x_T, y):
+    velocity = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    if num_classes and fc.cfg_scale != 1.0:
+      fn = flow.guided(velocity, y, jnp.full_like(y, num_classes), fc.cfg_scale)
+    else:
+      fn = lambda x, t: velocity(x, t, y if num_classes else None)
+    return flow.euler_sample(fn, x_T, grid)
+
+  return jax.jit(sample)
+
+
+@registry.register("flow_matching")
+def build(config: ml_collections.ConfigDict) -> train.Task:
+  dc, fc, num_classes = config.data, config.flow, config.model.num_classes
+  model = build_model(config)
+  shape = example_shape(config)
+
+  def init_params(key):
+    x = jnp.zeros((2, *shape), jnp.float32)
+    y = jnp.zeros((2,), jnp.int32) if num_classes else None
+    return model.init(key, x, jnp.full((2,), 0.5), y)["params"]
+
+  def loss_batch(params, batch, key):
+    drop_key, flow_key = jax.random.split(key)
+    x0 = batch["x"]
+    y = None
+    if num_classes:
+      y = flow.drop_labels(drop_key, batch["y"], fc.label_drop_prob, num_classes)
+    x_t, t, _, eps = flow.flow_matching_batch(flow_key, x0, time_kind=fc.time_kind, mean=fc.time_mean,
+                                              std=fc.time_std, shift=fc.shift)
+    v = model.apply({"params": params}, x_t, t, y)
+    return flow.flow_matching_loss(v.astype(jnp.float32), x0, eps), {}
+
+  def train_data(process_index, process_count):
+    source = data.load_in_memory(dc.name, "train", config=dc.config)
+    return data.BatchIterator(source, global_batch_size=config.train.global_batch_size, seed=config.seed,
+                              process_index=process_index, process_count=process_count,
+                              transform=lambda ex, rng: to_model_input(ex, rng, config))
+
+  eval_source = data.load(dc.name, dc.eval_split, config=dc.config)
+  n_eval = min(int(fc.eval_size), len(eval_source))
+  rng = np.random.default_rng(0)
+  eval_rows = [to_model_input(eval_source[i], rng, config) for i in range(n_eval)]
+  eval_batch = {k: np.stack([r[k] for r in eval_rows]) for k in ("x", "y")}
+  eval_loss = jax.jit(lambda p, k: loss_batch(p, eval_batch, k)[0])
+
+  def evaluate(params, step, workdir):
+    # Average over a few fixed keys: one draw of (t, eps) per example is a noisy estimate.
+    keys = jax.random.split(jax.random.PRNGKey(1234), 4)
+    return {"loss": float(np.mean([eval_loss(params, k) for k in keys]))}
+
+  sampler = make_sampler(config, model)
+  n = int(fc.num_samples)
+  noise = jax.random.normal(jax.random.PRNGKey(4321), (n, *shape))
+  labels = jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)
+
+  def sample(params, step, workdir):
+    x = np.asarray(sampler(params, noise, labels))
+    out = os.path.join(workdir, "samples", f"step_{step:07d}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      np.save(out + ".npy", x)
+      if x.ndim == 4:
+        writers.save_image_grid(x, out + ".png", ncol=max(num_classes, int(np.ceil(np.sqrt(n)))))
+      else:
+        save_scatter(x, eval_batch["x"], out + ".png")
+    return {}
+
+  return train.Task(init_params=init_params, loss=loss_batch, train_data=train_data,
+                    evaluate=evaluate, sample=sample)
+
+
+def save_scatter(samples_Nx2: np.ndarray, data_Mx2: np.ndarray, path: str) -> None:
+  """Side-by-side scatter plots of model samples and held-out data points."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+  for ax, pts, title in ((axes[0], samples_Nx2, "samples"), (axes[1], data_Mx2, "data")):
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+    ax.set_title(title)
+    ax.set_aspect("equal")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

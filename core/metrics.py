@@ -1,0 +1,123 @@
+"""Image quality (PSNR, SSIM, on RGB or on BT.601 luma) and model cost (parameters, FLOPs).
+
+PSNR and SSIM match scikit-image's `peak_signal_noise_ratio` and `structural_similarity` defaults,
+computed per image in JAX, in the inputs' float precision (float32 at least; float64 under x64).
+"""
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHANNELS = ("rgb", "y")
+
+# ITU-R BT.601 luma for RGB in [0, 1], giving Y in [16, 235] (studio swing), as SR papers and
+# skimage.color.rgb2ycbcr compute it.
+_Y_FROM_RGB = (65.481, 128.553, 24.966)
+_Y_OFFSET = 16.0
+# Y is then on an 8-bit scale, so PSNR-Y and SSIM-Y use a data range of 255 (the SR convention,
+# e.g. BasicSR), not the 219 that the [16, 235] span would suggest.
+Y_DATA_RANGE = 255.0
+
+
+def _as_float(a, b) -> tuple[jax.Array, jax.Array]:
+  """Promotes both images to a common float dtype, float32 at least."""
+  dtype = jnp.result_type(a, b, jnp.float32)
+  a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+  if a.shape != b.shape or a.ndim != 4:
+    raise ValueError(f"images must both have shape [B, H, W, C]; got {a.shape} and {b.shape}")
+  return a, b
+
+
+def rgb_to_y(rgb: jax.Array, *, data_range: float = 1.0) -> jax.Array:
+  """BT.601 luma Y = 16 + 65.481 R + 128.553 G + 24.966 B of RGB [..., 3] in [0, data_range].
+
+  Returns [..., 1] in [16, 235] whatever data_range is (compare it with Y_DATA_RANGE = 255).
+  """
+  if jnp.shape(rgb)[-1:] != (3,):
+    raise ValueError(f"rgb must have 3 channels last; got shape {jnp.shape(rgb)}")
+  rgb = jnp.asarray(rgb, jnp.result_type(rgb, jnp.float32)) / data_range
+  weights = jnp.asarray(_Y_FROM_RGB, rgb.dtype)
+  return _Y_OFFSET + jnp.sum(rgb * weights, axis=-1, keepdims=True)
+
+
+def _select_channel(a, b, channel: str, data_range: float):
+  """Returns (a, b, data_range) on the requested channel set."""
+  a, b = _as_float(a, b)
+  if channel == "rgb":
+    return a, b, data_range
+  if channel == "y":
+    return rgb_to_y(a, data_range=data_range), rgb_to_y(b, data_range=data_range), Y_DATA_RANGE
+  raise ValueError(f"channel must be one of {CHANNELS}; got {channel!r}")
+
+
+def psnr(a: jax.Array, b: jax.Array, *, data_range: float, channel: str = "rgb") -> jax.Array:
+  """Per-image PSNR 10 log10(data_range^2 / MSE) in dB, [B] for a, b [B, H, W, C].
+
+  channel "rgb": the MSE runs over every channel; "y": over the BT.601 luma of RGB images in
+  [0, data_range], with data range Y_DATA_RANGE. Identical images give +inf.
+  """
+  a, b, data_range = _select_channel(a, b, channel, data_range)
+  mse_B = jnp.mean((a - b) ** 2, axis=(1, 2, 3))
+  return 10 * jnp.log10(data_range ** 2 / mse_B)
+
+
+def _box_mean_valid(x_BxHxWxC: jax.Array, win_size: int) -> jax.Array:
+  """Mean over every win_size x win_size window that lies inside the image: [B, H-w+1, W-w+1, C]."""
+  window = (1, win_size, win_size, 1)
+  total = jax.lax.reduce_window(x_BxHxWxC, jnp.zeros((), x_BxHxWxC.dtype), jax.lax.add, window,
+                                (1, 1, 1, 1), "VALID")
+  return total / win_size ** 2
+
+
+def ssim(a: jax.Array, b: jax.Array, *, data_range: float, channel: str = "rgb", win_size: int = 7,
+         k1: float = 0.01, k2: float = 0.03) -> jax.Array:
+  """Per-image SSIM (Wang et al. 2004), [B] for a, b [B, H, W, C].
+
+  Matches skimage.metrics.structural_similarity(..., data_range, channel_axis=-1) with its defaults:
+  uniform win_size x win_size window, sample (co)variances (use_sample_covariance=True), K1, K2, and
+  the mean of the SSIM map over pixels at least (win_size - 1) / 2 from the border, averaged over
+  channels. skimage filters with reflect padding and then crops exactly the pixels whose window
+  touches the padding, so a 'VALID' window mean gives the same numbers. channel "y" scores the
+  BT.601 luma of RGB images in [0, data_range] instead, with data range Y_DATA_RANGE.
+  """
+  a, b, data_range = _select_channel(a, b, channel, data_range)
+  if win_size % 2 != 1 or win_size > min(a.shape[1:3]):
+    raise ValueError(f"win_size must be odd and at most min(H, W) = {min(a.shape[1:3])}; "
+                     f"got {win_size}")
+  mean = lambda x: _box_mean_valid(x, win_size)
+  cov_norm = win_size ** 2 / (win_size ** 2 - 1)
+  mu_a, mu_b = mean(a), mean(b)
+  var_a = cov_norm * (mean(a * a) - mu_a ** 2)
+  var_b = cov_norm * (mean(b * b) - mu_b ** 2)
+  cov_ab = cov_norm * (mean(a * b) - mu_a * mu_b)
+  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+  ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)
+              / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+  return ssim_map.mean(axis=(1, 2, 3))
+
+
+def param_count(params: Any) -> int:
+  """Number of scalars in a parameter pytree (arrays, ShapeDtypeStructs, flax Partitioned boxes)."""
+  return sum(math.prod(leaf.shape) if hasattr(leaf, "shape") else int(np.size(leaf))
+             for leaf in jax.tree.leaves(params))
+
+
+def flops(fn: Callable[..., Any], *args, **kwargs) -> dict[str, float]:
+  """XLA's cost estimate of fn(*args, **kwargs): {"flops", "macs" = flops / 2, "bytes accessed"?}.
+
+  Reads the LOWERED (pre-optimisation) HLO's cost analysis: the compiled executable's analysis on
+  GPU leaves out convolutions dispatched to cuDNN. "bytes accessed" is included when XLA reports it.
+  args and kwargs are traced, so bind static arguments (flags, configs) with functools.partial.
+  """
+  analysis = jax.jit(fn).lower(*args, **kwargs).cost_analysis()
+  # Older jax returns one dict per computation in a list; newer a single dict; None if unsupported.
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    raise RuntimeError(f"XLA gave no FLOP count for this function on {jax.default_backend()}")
+  result = {"flops": float(analysis["flops"]), "macs": float(analysis["flops"]) / 2}
+  if "bytes accessed" in analysis:
+    result["bytes accessed"] = float(analysis["bytes accessed"])
+  return result

@@ -1,0 +1,10 @@
+"""Layers and models shared by the methods: attention, embeddings, patches, MLPs, DiT, LoRA."""
+from core.nn.attention import IMPLS, MultiHeadAttention, dot_product_attention
+from core.nn.dit import AdaLN, DiT, DiTBlock, FinalLayer, modulate
+from core.nn.embeddings import (ConditionEmbedder, LabelEmbedder, TimestepEmbedder, apply_rope,
+                                rope_1d, rope_2d, sincos_2d, timestep_embedding)
+from core.nn.flow_mlp import FlowMLP
+from core.nn.lora import apply_with_lora, init_lora, lora_only, merge, unmerge
+from core.nn.mlp import MixFFN, Mlp, SwiGLU
+from core.nn.norm import make_norm
+from core.nn.patch import patchify, unpatchify

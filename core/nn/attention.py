@@ -1,0 +1,150 @@
+"""Attention, written once: `dot_product_attention` dispatches by `impl`; `MultiHeadAttention` wraps it.
+
+impl:
+  "xla"    softmax attention as plain XLA ops (any backend, any dtype; softmax in float32).
+  "cudnn"  cuDNN's fused flash attention (GPU, bf16/fp16, head dim a multiple of 8 and <= 128).
+  "auto"   "cudnn" where those conditions hold, otherwise "xla".
+  "linear" SANA's ReLU linear attention (arXiv 2410.10629 Sec. 2.2), a Pallas kernel in `kernels/`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Dtype
+
+from core.nn.embeddings import apply_rope
+from core.nn.norm import make_norm
+
+IMPLS = ("xla", "cudnn", "auto", "linear")
+
+
+def _cudnn_unsupported(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str | None:
+  """Why cuDNN's fused attention cannot take these inputs, or None when it can."""
+  if jax.default_backend() != "gpu":
+    return f"it needs a GPU, but JAX's default backend is {jax.default_backend()!r}"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"it needs bfloat16 or float16 q, k, v, got {q.dtype}"
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return f"it needs a head dim that is a multiple of 8 and at most 128, got {q.shape[-1]}"
+  # A mask becomes a cuDNN bias, whose backward pass needs even sequence lengths.
+  if mask is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+    return "with a mask it needs even query and key lengths"
+  return None
+
+
+def _check_inputs(q, k, v, mask) -> None:
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, N, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  b, nq, h, d = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+    raise ValueError(f"k and v must be [B, Nk, H, D] = [{b}, Nk, {h}, {d}] for q {q.shape}; "
+                     f"got k {k.shape}, v {v.shape}")
+  if mask is not None:
+    full = (b, h, nq, k.shape[1])
+    fits = all(m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1]))
+    if mask.dtype != jnp.bool_ or mask.ndim > 4 or not fits:
+      raise ValueError(f"mask must be boolean and broadcastable to [B, H, Nq, Nk] = {full}; "
+                       f"got {mask.dtype} {mask.shape}")
+
+
+def _linear_attention(q, k, v):
+  try:
+    from kernels.linear_attention import linear_attention
+  except ModuleNotFoundError as e:
+    if e.name != "kernels.linear_attention":
+      raise
+    raise NotImplementedError(
+        "impl='linear' dispatches to kernels.linear_attention.linear_attention(q, k, v), which "
+        "does not exist yet (kernels/linear_attention.py)") from e
+  return linear_attention(q, k, v)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v per head, or ReLU linear attention for impl="linear".
+
+  Args:
+    q: [B, Nq, H, D] queries.
+    k, v: [B, Nk, H, D] keys and values.
+    mask: boolean, broadcastable to [B, H, Nq, Nk]; True = attend. A query row with nothing to
+      attend to gets the mean of v. Not supported by "linear".
+    impl: one of IMPLS (see the module docstring).
+  Returns:
+    [B, Nq, H, D] in q's dtype.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+  _check_inputs(q, k, v, mask)
+  if impl == "linear":
+    if mask is not None:
+      raise ValueError("impl='linear' (ReLU linear attention) does not support a mask")
+    return _linear_attention(q, k, v)
+  implementation = "xla"
+  if impl != "xla":
+    reason = _cudnn_unsupported(q, k, mask)
+    if reason and impl == "cudnn":
+      raise ValueError(f"attention impl 'cudnn' cannot run here: {reason}; use impl='xla' or 'auto'")
+    implementation = "xla" if reason else "cudnn"
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head self- or cross-attention, [B, N, D] -> [B, N, D].
+
+  Attributes:
+    num_heads: H; the head dim is D / H.
+    fused_qkv: one projection "qkv" (cross-attention: "q" and "kv") instead of "q", "k", "v".
+    qk_norm: None, "layer" or "rms": normalise q and k per head before the dot product, which keeps
+      the logits bounded in wide models (SD3, arXiv 2403.03206 Sec. 5.3.2).
+    impl: attention implementation, see `dot_product_attention`.
+    use_bias: biases in the four projections.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  num_heads: int
+  fused_qkv: bool = True
+  qk_norm: str | None = None
+  impl: str = "xla"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxD: jax.Array, context_BxMxE: jax.Array | None = None, *,
+               rope: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """Attends from x to itself, or to context_BxMxE when given.
+
+    Args:
+      x_BxNxD: the queries' input (and the keys'/values' in self-attention).
+      context_BxMxE: the keys'/values' input for cross-attention.
+      rope: rotary angles [N, D/H/2] or [B, N, D/H/2] (`rope_1d`, `rope_2d`) applied to q and k;
+        self-attention only, since queries and keys then share positions.
+      mask: boolean, broadcastable to [B, H, N, N or M]; True = attend.
+    Returns:
+      [B, N, D].
+    """
+    d = x_BxNxD.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    if rope is not None and context_BxMxE is not None:
+      raise ValueError("rope is for self-attention; cross-attention got both rope and a context")
+    dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    if context_BxMxE is None and self.fused_qkv:
+      q, k, v = jnp.split(dense(3 * d, name="qkv")(x_BxNxD), 3, axis=-1)
+    else:
+      kv_in = x_BxNxD if context_BxMxE is None else context_BxMxE
+      q = dense(d, name="q")(x_BxNxD)
+      if self.fused_qkv:
+        k, v = jnp.split(dense(2 * d, name="kv")(kv_in), 2, axis=-1)
+      else:
+        k, v = dense(d, name="k")(kv_in), dense(d, name="v")(kv_in)
+    q, k, v = (y.reshape(*y.shape[:-1], self.num_heads, -1) for y in (q, k, v))
+    if self.qk_norm is not None:
+      norm = functools.partial(make_norm, self.qk_norm, affine=True, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
+      q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
+    o = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
+    return dense(d, name="out")(o.reshape(*o.shape[:-2], d))

@@ -1,0 +1,397 @@
+"""The one training loop every method uses.
+
+A method supplies a `Task` (init, loss, data, hooks) registered by name in `core.registry`; this module
+owns everything else: the train state, optax optimiser and schedule, the mixed-precision policy, the
+sharded `jax.jit` step with donated state, orbax checkpoints with the data position, resume, the NaN/Inf
+guard, SIGTERM handling, metrics and progress.
+
+Determinism: the step's key is `fold_in(state.rng, state.step)` and batch k is a pure function of
+(seed, k), so a run resumed from a checkpoint computes exactly what an uninterrupted run computes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from core import registry, sharding, writers
+
+PyTree = Any
+
+# Fields that may change between a run and its resumption (they steer the run, not what it computes
+# up to the checkpoint). Any other difference makes the checkpoint meaningless for the new config.
+RUN_CONTROL_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every", "train.sample_every",
+                      "train.checkpoint_every", "train.keep_checkpoints", "mesh", "sharding")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 []
+  params: PyTree         # float32
+  opt_state: PyTree
+  ema_params: PyTree     # float32; equals params when EMA is off
+  rng: jax.Array         # uint32 [2]; the key of step k is fold_in(rng, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a method gives the trainer.
+
+  init_params: key -> float32 parameter pytree.
+  loss: (params in the compute dtype, batch of global arrays, key) -> (scalar loss, {name: scalar}).
+  train_data: (process_index, process_count) -> iterator of this host's numpy batch slices with
+    `get_state() -> dict` and `set_state(dict)` (e.g. `core.data.pipeline.BatchIterator`).
+  evaluate / sample: (params, step, workdir) -> {name: scalar}; called with the EMA parameters every
+    `train.eval_every` / `train.sample_every` steps and at the end. `sample` writes files (grids).
+  trainable: params -> pytree of bools, True where the optimiser may update (LoRA, frozen towers).
+  """
+  init_params: Callable[[jax.Array], PyTree]
+  loss: Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+  train_data: Callable[[int, int], Any]
+  evaluate: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
+  sample: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
+  trainable: Callable[[PyTree], PyTree] | None = None
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser, schedule, precision
+
+
+def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warm-up to `optim.lr`, then cosine decay to `lr * min_lr_ratio` or constant."""
+  warmup = int(optim.warmup_steps)
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, warmup, max(num_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+  if optim.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)],
+        [warmup])
+  raise ValueError(f"config.optim.schedule={optim.schedule!r}; expected one of ['constant', 'cosine']")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   trainable: PyTree | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Global-norm clipping + AdamW (weight decay on >= 2-D arrays only) or SGD with momentum.
+
+  `trainable` (pytree of bools like params) freezes the False leaves: their updates are exactly zero.
+  """
+  schedule = make_schedule(optim, num_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  if optim.name == "adamw":
+    base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=decay_mask)
+  elif optim.name == "sgd":
+    base = optax.sgd(schedule, momentum=optim.b1)
+  else:
+    raise ValueError(f"config.optim.name={optim.name!r}; expected one of ['adamw', 'sgd']")
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), base) if optim.grad_clip_norm else base
+  if trainable is not None:
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  choices = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if name not in choices:
+    raise ValueError(f"config.train.compute_dtype={name!r}; expected one of {sorted(choices)}")
+  return choices[name]
+
+
+def cast_floating(tree: PyTree, dtype) -> PyTree:
+  """Mixed precision: float32 master parameters are cast to the compute dtype for the forward pass."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# State and step
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  init_key, state_key = jax.random.split(key)
+  params = task.init_params(init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params, rng=state_key)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict) -> Callable:
+  """(state, batch) -> (state, metrics): one optimiser step; jit it with `jit_train_step`."""
+  dtype = compute_dtype(config.train.compute_dtype)
+  ema_decay = float(config.optim.ema_decay)
+
+  def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      loss, metrics = task.loss(cast_floating(params, dtype), batch, key)
+      return loss.astype(jnp.float32), metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay) if ema_decay
+           else params)
+    metrics = {**{k: v.astype(jnp.float32) for k, v in metrics.items()}, "loss": loss,
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  return step_fn
+
+
+def jit_train_step(step_fn: Callable, state_shardings: PyTree, mesh) -> Callable:
+  """The sharded step: explicit in/out shardings, state donated (this is what pjit became)."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def state_shardings(abstract_state: TrainState, mesh, config: ml_collections.ConfigDict) -> PyTree:
+  shard = config.get("sharding", ml_collections.ConfigDict())
+  rules = tuple(tuple(r) for r in shard.get("logical_axis_rules", sharding.DEFAULT_LOGICAL_AXIS_RULES))
+  return sharding.tree_shardings(abstract_state, mesh, min_fsdp_size=int(shard.get("min_fsdp_size", 2**14)),
+                                 rules=rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the loop needs before its first step. `init(key)` and `step(state, batch)` are jitted."""
+  task: Task
+  abstract_state: TrainState
+  shardings: PyTree
+  init: Callable[[jax.Array], TrainState]
+  step: Callable
+
+
+def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None) -> Setup:
+  """Builds the task (from `config.task` unless given), optimiser, state shardings and jitted step."""
+  task = task or registry.get(config.task)(config)
+  abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  trainable = None if task.trainable is None else task.trainable(abstract_params)
+  tx, schedule = make_optimizer(config.optim, int(config.train.num_steps), trainable)
+  init_fn = lambda key: init_state(task, tx, key)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  shardings = state_shardings(abstract, mesh, config)
+  return Setup(task=task, abstract_state=abstract, shardings=shardings,
+               init=jax.jit(init_fn, out_shardings=shardings),
+               step=jit_train_step(make_train_step(task, tx, schedule, config), shardings, mesh))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the workdir
+
+
+class Checkpointer:
+  """orbax CheckpointManager of {state, data-iterator state} under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, state: TrainState, data_state: Mapping[str, Any]) -> None:
+    self._mngr.save(int(state.step), force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+
+  def restore(self, step: int, abstract_state: TrainState, shardings: PyTree):
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `config.json`; when one exists, refuses a config that differs outside RUN_CONTROL_FIELDS."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    flat = _flatten(new)
+    differ = sorted(k for k in set(old) | set(flat)
+                    if old.get(k, "<missing>") != flat.get(k, "<missing>")
+                    and not any(k == f or k.startswith(f + ".") for f in RUN_CONTROL_FIELDS))
+    if differ:
+      shown = ", ".join(f"{k} ({old.get(k, '<missing>')!r} -> {flat.get(k, '<missing>')!r})"
+                        for k in differ[:6])
+      raise ValueError(f"workdir {workdir} was written by an incompatible config; differing fields: "
+                       f"{shown}{' ...' if len(differ) > 6 else ''}. Use a new --workdir, or change "
+                       f"only {', '.join(RUN_CONTROL_FIELDS)}.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (for notebooks and evaluation scripts)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, *, ema: bool = True, step: int | None = None):
+  """(params, config, task) from a workdir's latest (or given) checkpoint, on one device."""
+  config = load_config(workdir)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  run = setup(config, mesh)
+  ckpt = Checkpointer(workdir, keep=1_000_000)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  state, _ = ckpt.restore(step, run.abstract_state, run.shardings)
+  ckpt.close()
+  return (state.ema_params if ema else state.params), config, run.task
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Sigterm:
+  """Turns SIGTERM into a flag the loop checks once per step, so a checkpoint is saved first."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.received = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, metrics: Mapping[str, float], ckpt: Checkpointer) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    last = ckpt.latest_step()
+    where = (f"last good checkpoint: step {last} in {ckpt.directory}" if last is not None
+             else "no checkpoint was saved yet")
+    raise NonFiniteError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+                         f"{where}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """Trains (or resumes) `config` in `workdir` until `config.train.num_steps`; returns the final step.
+
+  Raises NonFiniteError when a loss/gradient becomes NaN/Inf (nothing after the last good checkpoint
+  is saved). On SIGTERM a checkpoint is saved and SystemExit(143) is raised.
+  """
+  tc = config.train
+  num_steps = int(tc.num_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  check_or_write_config(workdir, config)
+  run = setup(config, mesh)
+  task = run.task
+  ckpt = Checkpointer(workdir, keep=int(tc.keep_checkpoints))
+  data = task.train_data(jax.process_index(), jax.process_count())
+
+  start = ckpt.latest_step()
+  if start is not None and start >= num_steps:
+    writers.log(f"run in {workdir} already finished at step {start} (train.num_steps={num_steps}); "
+                "nothing to do")
+    ckpt.close()
+    return start
+  if start is not None:
+    state, data_state = ckpt.restore(start, run.abstract_state, run.shardings)
+    data.set_state(data_state)
+    writers.log(f"resumed from step {start} in {ckpt.directory}")
+  else:
+    start = 0
+    state = run.init(jax.random.PRNGKey(config.seed))
+    writers.log(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
+                f"mesh {dict(mesh.shape)}")
+
+  writer = writers.MetricWriter(workdir)
+  progress = writers.Progress(start, num_steps, int(tc.log_every))
+  sigterm = _Sigterm()
+
+  def every(n, step):
+    return n and step % n == 0
+
+  def hooks(step, final):
+    for name, hook, n in (("eval", task.evaluate, tc.eval_every), ("sample", task.sample, tc.sample_every)):
+      if hook is not None and (final or every(n, step)):
+        out = hook(state.ema_params, step, workdir)
+        writer.write(step, {f"{name}/{k}": v for k, v in (out or {}).items()})
+
+  pending = None   # metrics of the last dispatched step, checked one step late to keep dispatch async
+  sums: dict[str, float] = {}
+  count = 0
+
+  def settle():
+    nonlocal pending, sums, count
+    if pending is None:
+      return
+    done_step, metrics = pending
+    pending = None
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(done_step, metrics, ckpt)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+    progress.update(done_step, metrics)
+    if every(tc.log_every, done_step) or done_step == num_steps:
+      writer.write(done_step, {f"train/{k}": v / count for k, v in sums.items()})
+      sums, count = {}, 0
+
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding.global_batch(next(data), mesh)
+      state, metrics = run.step(state, batch)
+      settle()
+      pending = (step, metrics)
+      if every(tc.checkpoint_every, step) or step == num_steps or sigterm.received:
+        settle()
+        ckpt.save(state, data.get_state())
+      if sigterm.received:
+        ckpt.wait()
+        writers.log(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting")
+        raise SystemExit(143)
+      if step < num_steps:
+        hooks(step, final=False)
+    settle()
+    hooks(num_steps, final=True)
+  finally:
+    sigterm.restore()
+    progress.close()
+    writer.close()
+    ckpt.wait()
+    ckpt.close()
+  writers.log(f"finished at step {num_steps}; checkpoints in {ckpt.directory}")
+  return num_steps

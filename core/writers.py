@@ -1,0 +1,99 @@
+"""Run outputs: metrics (JSONL + TensorBoard), progress reporting, image grids.
+
+Only process 0 writes; every other process gets no-op writers so call sites need no branches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard events."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self._active or not metrics:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+  return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+class Progress:
+  """A tqdm bar (loss, ETA) on a terminal; a plain line every `every` steps otherwise."""
+
+  def __init__(self, start: int, total: int, every: int):
+    self._start, self._total, self._every = start, total, max(1, every)
+    self._t0 = time.time()
+    self._bar = None
+    if jax.process_index() == 0 and sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix_str(_fmt(metrics), refresh=False)
+    elif jax.process_index() == 0 and (step % self._every == 0 or step == self._total):
+      rate = (step - self._start) / max(time.time() - self._t0, 1e-9)
+      eta = (self._total - step) / rate if rate > 0 else math.inf
+      print(f"step {step}/{self._total} {_fmt(metrics)} | {rate:.2f} steps/s ETA {eta:.0f}s",
+            flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def save_image_grid(images_BxHxWxC: np.ndarray, path: str, *, ncol: int | None = None,
+                    value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+  """Tiles a batch of images into one PNG (1-pixel gaps); values are clipped to `value_range`."""
+  from PIL import Image
+  x = np.asarray(images_BxHxWxC, np.float32)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"images must be [B, H, W, 1 or 3], got shape {x.shape}")
+  lo, hi = value_range
+  x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+  b, h, w, c = x.shape
+  ncol = ncol or int(math.ceil(math.sqrt(b)))
+  nrow = int(math.ceil(b / ncol))
+  grid = np.ones((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), np.float32)
+  for i in range(b):
+    r, col = divmod(i, ncol)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = x[i]
+  img = (grid * 255 + 0.5).astype(np.uint8)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(img[..., 0] if c == 1 else img).save(path)

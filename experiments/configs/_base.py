@@ -1,0 +1,42 @@
+"""Fields every experiment config shares; each `experiments/configs/<exp>.py` starts from `base()`.
+
+Presets: `smoke` (seconds: tests and notebooks), `cpu` (the CPU-scale reproduction, minutes), `paper`
+(the paper's architecture and hyper-parameters, for GPUs).
+"""
+import ml_collections
+
+PRESETS = ("smoke", "cpu", "paper")
+
+
+def check_preset(preset: str) -> str:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+  return preset
+
+
+def base(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = check_preset(preset)
+  c.task = ""                  # name registered in core.registry
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})   # -1: remaining devices
+  c.sharding = ml_collections.ConfigDict({"min_fsdp_size": 2**14})         # smaller arrays replicate
+  c.train = ml_collections.ConfigDict({
+      "num_steps": 1000,
+      "global_batch_size": 64,
+      "compute_dtype": "float32",   # float32 master params; "bfloat16" casts them for the forward pass
+      "log_every": 50,
+      "eval_every": 0,              # 0: only at the end
+      "sample_every": 0,
+      "checkpoint_every": 500,
+      "keep_checkpoints": 3,
+  })
+  c.optim = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+      "schedule": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0,
+      "grad_clip_norm": 1.0,        # 0 disables clipping
+      "ema_decay": 0.0,             # 0 disables EMA (ema_params then equal params)
+  })
+  c.data = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()
+  return c

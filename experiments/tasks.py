@@ -1,0 +1,2 @@
+"""Imports every module that registers a task in `core.registry` (add new method tasks here)."""
+from core import flow_task  # noqa: F401

@@ -1,0 +1,41 @@
+"""One process of the two-process test: `python -m tests.core.multihost_worker PID NPROC PORT OUT`.
+
+NPROC=1 is the single-process reference. Each process owns 2 CPU devices; the mesh spans all of them.
+"""
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import experiments.tasks  # noqa: E402,F401
+from core import sharding, train  # noqa: E402
+from experiments.configs import flow_2d  # noqa: E402
+
+
+def main(pid: int, nproc: int, port: int, out: str) -> None:
+  if nproc > 1:
+    sharding.initialize_distributed(f"localhost:{port}", nproc, pid)
+  config = flow_2d.get_config("smoke")
+  config.train.global_batch_size = 32
+  mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:2] if nproc == 1 else None)
+  run = train.setup(config, mesh)
+  data = run.task.train_data(jax.process_index(), jax.process_count())
+  state = run.init(jax.random.PRNGKey(0))
+  losses = []
+  for _ in range(3):
+    state, metrics = run.step(state, sharding.global_batch(next(data), mesh))
+    losses.append(float(metrics["loss"]))
+  norm = float(jax.jit(lambda p: sum(jax.numpy.sum(x ** 2) for x in jax.tree.leaves(p)),
+                       out_shardings=sharding.replicated(mesh))(state.params))
+  with open(out, "w") as f:
+    json.dump({"losses": losses, "param_sq_norm": norm, "processes": jax.process_count(),
+               "devices": jax.device_count()}, f)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

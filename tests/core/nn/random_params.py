@@ -1,0 +1,10 @@
+"""Random parameters without running a module's initialisers (jax.random init compiles slowly on CPU)."""
+import jax
+import jax.numpy as jnp
+
+
+def random_params(module, rng, *args, scale=0.3, **kwargs):
+  """module's "params" with every leaf drawn from N(0, scale^2), for inputs like *args, **kwargs."""
+  # A closure keeps non-array arguments (grid sizes, batch) static.
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes)

@@ -1,0 +1,248 @@
+"""Tests for core/flow.py: identities, closed forms and invariants of the rectified-flow math."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core import flow
+
+
+def _normal(seed, shape):
+  # numpy draws: eager jax.random costs a compilation per shape, which dominates these tests' time.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _uniform(seed, shape, low=0.0, high=1.0):
+  return jnp.asarray(np.random.default_rng(seed).uniform(low, high, shape), jnp.float32)
+
+
+def test_interpolate_endpoints_and_velocity_is_time_derivative():
+  x0, eps = _normal(0, (4, 5, 3)), _normal(1, (4, 5, 3))
+  np.testing.assert_allclose(flow.interpolate(x0, eps, 0.0), x0)
+  np.testing.assert_allclose(flow.interpolate(x0, eps, jnp.ones(4)), eps)
+  t = _uniform(2, (4,))
+  _, dx_dt = jax.jvp(lambda t: flow.interpolate(x0, eps, t), (t,), (jnp.ones(4),))
+  np.testing.assert_allclose(dx_dt, flow.velocity_target(x0, eps), atol=1e-6)
+
+
+def test_x0_and_eps_from_velocity_invert_interpolate():
+  x0, eps = _normal(3, (6, 4, 4, 2)), 2.0 * _normal(4, (6, 4, 4, 2))
+  t = _uniform(5, (6,))
+  x_t = flow.interpolate(x0, eps, t)
+  v = flow.velocity_target(x0, eps)
+  np.testing.assert_allclose(flow.x0_from_velocity(x_t, v, t), x0, atol=1e-5)
+  np.testing.assert_allclose(flow.eps_from_velocity(x_t, v, t), eps, atol=1e-5)
+  # Per-example times must really be per example: example 0 at t[0] agrees with a scalar call.
+  np.testing.assert_allclose(flow.interpolate(x0, eps, t)[0], flow.interpolate(x0, eps, t[0])[0],
+                             atol=1e-6)
+
+
+def test_time_of_wrong_shape_is_rejected():
+  x = jnp.zeros((4, 3))
+  with pytest.raises(ValueError, match="shape"):
+    flow.interpolate(x, x, jnp.zeros(3))
+  with pytest.raises(ValueError, match="shape"):
+    flow.x0_from_velocity(x, x, jnp.zeros((4, 1)))
+
+
+def test_time_shift_formula_identity_monotone_and_inverse():
+  t = np.sort(np.random.default_rng(6).uniform(size=257))
+  for shift in (0.5, 1.0, 3.0, 6.0):
+    got = np.asarray(flow.time_shift(jnp.asarray(t, jnp.float32), shift))
+    np.testing.assert_allclose(got, [shift * u / (1 + (shift - 1) * u) for u in t], rtol=1e-6)
+    assert np.all(np.diff(got) > 0)
+    assert np.all((got > 0) & (got < 1))
+    assert flow.time_shift(0.0, shift) == 0.0 and flow.time_shift(1.0, shift) == 1.0
+    np.testing.assert_allclose(flow.time_shift(got, 1 / shift), t, rtol=1e-5, atol=1e-6)
+    if shift > 1:  # a shift above 1 moves every interior time toward noise
+      assert np.all(got > t)
+  np.testing.assert_array_equal(flow.time_shift(t, 1.0), t)
+
+
+def test_resolution_shift():
+  # PiD: s = 6 sqrt(sqrt(H W) / 2048), which is 6 at 2048 x 2048 and 3 at 512 x 512.
+  pid_shift = lambda h, w: flow.resolution_shift(math.sqrt(h * w), base=2048, base_shift=6.0)
+  assert pid_shift(2048, 2048) == pytest.approx(6.0)
+  assert pid_shift(512, 512) == pytest.approx(3.0)
+  # SD3: sqrt(m / n) with pixel counts; doubling the side doubles the shift.
+  assert flow.resolution_shift(1024 ** 2, base=512 ** 2) == pytest.approx(2.0)
+  n = jnp.array([256.0, 4096.0])
+  np.testing.assert_allclose(flow.resolution_shift(n, base=1024, base_shift=3.0),
+                             3.0 * np.sqrt(np.asarray(n) / 1024), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.5, 0.7)])
+def test_logit_normal_sample_statistics(mean, std):
+  t = flow.sample_time(jax.random.key(7), 200_000, kind="logit_normal", mean=mean, std=std)
+  assert t.shape == (200_000,) and t.dtype == jnp.float32
+  logit = np.log(np.asarray(t, np.float64)) - np.log1p(-np.asarray(t, np.float64))
+  assert abs(logit.mean() - mean) < 0.01
+  assert abs(logit.std() - std) < 0.01
+  # A shifted draw is the shift of the unshifted one, so undoing the shift recovers N(mean, std^2).
+  shifted = flow.sample_time(jax.random.key(7), 200_000, kind="logit_normal", mean=mean, std=std,
+                             shift=3.0)
+  np.testing.assert_allclose(flow.time_shift(shifted, 1 / 3.0), t, atol=1e-5)
+
+
+def test_uniform_samples_lie_in_the_open_interval():
+  t = np.asarray(flow.sample_time(jax.random.key(8), 100_000, kind="uniform", shift=4.0))
+  assert np.all((t > 0) & (t < 1))
+  # Under shift s, P(t <= 1/2) = P(u <= 1 / (1 + s)) = 0.2 for s = 4.
+  assert abs(np.mean(t <= 0.5) - 0.2) < 0.01
+
+
+def test_unknown_time_kind_lists_the_choices():
+  with pytest.raises(ValueError, match="uniform.*logit_normal"):
+    flow.sample_time(jax.random.key(0), 4, kind="beta")
+
+
+@pytest.mark.parametrize("shift,t_max,t_min",
+                         [(1.0, 1.0, 0.0), (3.0, 1.0, 0.0), (3.0, 0.999, 0.02)])
+def test_time_grid_endpoints_and_monotone(shift, t_max, t_min):
+  grid = flow.time_grid(10, shift=shift, t_max=t_max, t_min=t_min)
+  assert grid.shape == (11,) and grid.dtype == jnp.float32
+  assert float(grid[0]) == np.float32(t_max) and float(grid[-1]) == np.float32(t_min)
+  assert np.all(np.diff(np.asarray(grid)) < 0)
+  # Undoing the shift gives a uniform grid.
+  u = np.asarray(flow.time_shift(np.asarray(grid, np.float64), 1 / shift))
+  np.testing.assert_allclose(np.diff(u), np.full(10, np.diff(u).mean()), rtol=1e-4)
+
+
+def test_time_grid_matches_the_shifted_linspace():
+  np.testing.assert_allclose(flow.time_grid(8, shift=3.0),
+                             flow.time_shift(np.linspace(1.0, 0.0, 9), 3.0), rtol=1e-6)
+  with pytest.raises(ValueError, match="num_steps"):
+    flow.time_grid(0)
+  with pytest.raises(ValueError, match="t_min"):
+    flow.time_grid(4, t_max=0.2, t_min=0.5)
+
+
+def test_flow_matching_loss_against_numpy():
+  v, x0, eps = _normal(9, (5, 3, 2)), _normal(10, (5, 3, 2)), _normal(11, (5, 3, 2))
+  mse = ((np.asarray(v) - (np.asarray(eps) - np.asarray(x0))) ** 2).reshape(5, -1).mean(1)
+  np.testing.assert_allclose(flow.flow_matching_loss(v, x0, eps), mse.mean(), rtol=1e-6)
+  w = _uniform(12, (5,))
+  np.testing.assert_allclose(flow.flow_matching_loss(v, x0, eps, weight=w),
+                             (np.asarray(w) * mse).mean(), rtol=1e-6)
+  assert float(flow.flow_matching_loss(eps - x0, x0, eps)) == 0.0
+  with pytest.raises(ValueError, match="weight"):
+    flow.flow_matching_loss(v, x0, eps, weight=jnp.ones(4))
+
+
+def test_flow_matching_batch_is_consistent():
+  x0 = _normal(13, (8, 4, 4, 3))
+  x_t, t, target, eps = jax.jit(
+      lambda k, x: flow.flow_matching_batch(k, x, time_kind="logit_normal", shift=2.0))(
+          jax.random.key(14), x0)
+  assert x_t.shape == x0.shape and t.shape == (8,) and target.shape == x0.shape
+  assert np.all((np.asarray(t) > 0) & (np.asarray(t) < 1))
+  np.testing.assert_allclose(x_t, flow.interpolate(x0, eps, t), atol=1e-6)
+  np.testing.assert_allclose(target, eps - x0, atol=1e-6)
+  assert 0.5 < float(jnp.std(eps)) < 1.5
+
+
+def _gaussian_problem(seed, batch=64, dim=6):
+  """x0 ~ N(mu, diag(s0^2)): the exact velocity field and the exact ODE flow from t = 1.
+
+  With a = 1 - t, b = t: x_t ~ N(a mu, a^2 s0^2 + b^2), E[x0 | x] = mu + a s0^2 (x - a mu) / Var and
+  E[eps | x] = b (x - a mu) / Var, so v = E[eps - x0 | x] = (b - a s0^2) (x - a mu) / Var - mu.
+  The ODE keeps z = (x_t - a mu) / sqrt(Var_t) constant, so x_t = a mu + sqrt(Var_t) x1 and
+  x_0 = mu + s0 x1.
+  """
+  mu = _normal(seed, (dim,))
+  s0 = _uniform(seed + 1, (dim,), 0.3, 2.0)
+  x1 = _normal(seed + 2, (batch, dim))
+
+  def velocity(x, t_B):
+    a, b = 1 - t_B[:, None], t_B[:, None]
+    var = a ** 2 * s0 ** 2 + b ** 2
+    return (b - a * s0 ** 2) * (x - a * mu) / var - mu
+
+  def exact(t):
+    a = 1 - t
+    return a * mu + jnp.sqrt(a ** 2 * s0 ** 2 + t ** 2) * x1
+
+  return velocity, x1, exact
+
+
+def test_euler_converges_to_the_exact_gaussian_flow_at_first_order():
+  velocity, x1, exact = _gaussian_problem(15)
+  sample = jax.jit(lambda x, g: flow.euler_sample(velocity, x, g))
+  errors = [float(jnp.abs(sample(x1, flow.time_grid(n)) - exact(0.0)).max())
+            for n in (16, 32, 64, 128)]
+  ratios = np.array(errors[:-1]) / np.array(errors[1:])
+  assert np.all((ratios > 1.7) & (ratios < 2.3)), (errors, ratios)
+  assert errors[-1] < 0.1
+
+
+def test_euler_trajectory_follows_the_exact_flow():
+  velocity, x1, exact = _gaussian_problem(16)
+  grid = flow.time_grid(512, shift=2.0)
+  x, traj = flow.euler_sample(velocity, x1, grid, return_trajectory=True)
+  assert traj.shape == (513,) + x1.shape
+  np.testing.assert_array_equal(traj[0], x1)
+  np.testing.assert_array_equal(traj[-1], x)
+  for i in (128, 256, 384, 512):
+    np.testing.assert_allclose(traj[i], exact(grid[i]), atol=2e-2)
+
+
+def _conditional_model():
+  """A toy conditional velocity whose calls are counted, and its two inputs' embeddings."""
+  table = _normal(17, (11, 4))
+  calls = []
+
+  def velocity(x, t, labels):
+    calls.append(x.shape[0])
+    return x * t[:, None] + table[labels] + jnp.sin(x) * table[labels, :1]
+
+  return velocity, calls
+
+
+def test_cfg_velocity_scales_and_uses_one_batched_call():
+  velocity, calls = _conditional_model()
+  x = _normal(18, (5, 4))
+  t = _uniform(19, (5,))
+  labels = jnp.array([0, 3, 7, 2, 9])
+  null = 10
+  v_c = velocity(x, t, labels)
+  v_u = velocity(x, t, jnp.full((5,), null))
+  calls.clear()
+  np.testing.assert_array_equal(flow.cfg_velocity(velocity, x, t, labels, null, 1.0), v_c)
+  assert calls == [10]
+  np.testing.assert_array_equal(flow.cfg_velocity(velocity, x, t, labels, null, 0.0), v_u)
+  np.testing.assert_allclose(flow.cfg_velocity(velocity, x, t, labels, null, 4.5),
+                             v_u + 4.5 * (v_c - v_u), atol=1e-5)
+  assert calls == [10, 10, 10]
+
+
+def test_guided_closure_runs_in_euler_with_pytree_conditions():
+  emb_null = _normal(20, (1, 4))
+
+  def velocity(x, t, cond):
+    return -x * t[:, None] + cond["emb"] * cond["gain"][:, None]
+
+  cond = {"emb": _normal(21, (3, 4)), "gain": jnp.array([1.0, 2.0, 3.0])}
+  null = {"emb": emb_null, "gain": 1.0}
+  x_T = _normal(22, (3, 4))
+  grid = flow.time_grid(6)
+  out = jax.jit(lambda x: flow.euler_sample(flow.guided(velocity, cond, null, 2.0), x, grid))(x_T)
+  expected = x_T
+  for t, s in zip(grid[:-1], grid[1:]):
+    t_B = jnp.full((3,), t)
+    v_c = velocity(expected, t_B, cond)
+    v_u = velocity(expected, t_B, {"emb": jnp.broadcast_to(emb_null, (3, 4)), "gain": jnp.ones(3)})
+    expected = expected + (s - t) * (v_u + 2.0 * (v_c - v_u))
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_drop_labels_rate_and_values():
+  labels = jnp.asarray(np.random.default_rng(23).integers(0, 1000, 100_000), jnp.int32)
+  dropped = flow.drop_labels(jax.random.key(24), labels, 0.1, 1000)
+  assert dropped.dtype == labels.dtype and dropped.shape == labels.shape
+  is_null = np.asarray(dropped == 1000)
+  assert abs(is_null.mean() - 0.1) < 0.005
+  np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(labels)[~is_null])
+  np.testing.assert_array_equal(flow.drop_labels(jax.random.key(25), labels, 0.0, 1000), labels)
+  assert bool(jnp.all(flow.drop_labels(jax.random.key(26), labels, 1.0, 1000) == 1000))

@@ -1,0 +1,31 @@
+"""Two CPU processes joined by jax.distributed.initialize run the same step as one process."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _launch(pid, nproc, port, out):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.Popen([sys.executable, "-m", "tests.core.multihost_worker", str(pid), str(nproc),
+                           str(port), str(out)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  port = portpicker.pick_unused_port()
+  procs = [_launch(i, 2, port, tmp_path / f"p{i}.json") for i in range(2)]
+  single = _launch(0, 1, 0, tmp_path / "single.json")
+  for p in procs + [single]:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  r0, r1, ref = (json.load(open(tmp_path / n)) for n in ("p0.json", "p1.json", "single.json"))
+  assert r0["processes"] == 2 and r0["devices"] == 4 and ref["processes"] == 1
+  assert r0["losses"] == r1["losses"]                     # every process sees the same global loss
+  np.testing.assert_allclose(r0["losses"], ref["losses"], rtol=1e-5)
+  np.testing.assert_allclose(r0["param_sq_norm"], ref["param_sq_norm"], rtol=1e-5)

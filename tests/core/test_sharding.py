@@ -1,0 +1,83 @@
+"""Mesh construction, parameter/batch shardings and the shard_map helper on 8 fake CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from core import sharding
+
+
+def test_mesh_shape_resolves_minus_one():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "model": 1}, 8) == (4, 2, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": 2, "model": 2}, 8) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ({"data": 3}, "needs 3 devices"),
+    ({"data": -1, "fsdp": 3}, "does not divide"),
+    ({"data": -1, "fsdp": -1}, "at most one"),
+    ({"pipeline": 2}, "unknown axes"),
+])
+def test_bad_mesh_configs_are_named(cfg, msg):
+  with pytest.raises(ValueError, match=msg):
+    sharding.mesh_shape(cfg, 8)
+
+
+def test_param_specs_shard_large_and_replicate_small():
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "model": 1})
+  rng = np.random.default_rng()
+  tree = {"dense": {"kernel": jnp.asarray(rng.normal(size=(256, 128)), jnp.float32),
+                    "bias": jnp.zeros((128,))},
+          "conv": {"kernel": jnp.zeros((3, 3, 64, 64))},
+          "tiny": {"kernel": jnp.zeros((4, 4))},
+          "odd": {"kernel": jnp.zeros((129, 129))}}
+  sh = sharding.tree_shardings(tree, mesh, min_fsdp_size=1024)
+  assert sh["dense"]["kernel"].spec == P("fsdp", None)
+  assert sh["dense"]["bias"].spec == P()
+  assert sh["conv"]["kernel"].spec == P(None, None, "fsdp", None)
+  assert sh["tiny"]["kernel"].spec == P()
+  assert sh["odd"]["kernel"].spec == P(None, None)   # 129 is not divisible by fsdp=2
+  placed = jax.device_put(tree["dense"]["kernel"], sh["dense"]["kernel"])
+  assert placed.addressable_shards[0].data.shape == (128, 128)
+  np.testing.assert_array_equal(np.asarray(placed), np.asarray(tree["dense"]["kernel"]))
+
+
+def test_model_axis_used_for_output_dim():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  spec = sharding.spec_for("blocks/mlp/kernel", (64, 256), mesh, min_fsdp_size=1)
+  assert spec == P("fsdp", "model")
+
+
+def test_global_batch_is_split_over_batch_axes():
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "model": 1})
+  x = np.random.default_rng().normal(size=(16, 3)).astype(np.float32)
+  g = sharding.global_batch({"x": x}, mesh)["x"]
+  assert g.sharding.spec == P(("data", "fsdp"))
+  assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
+  np.testing.assert_array_equal(np.asarray(g), x)
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.batch_size_per_process(12, mesh)
+
+
+def test_shard_map_helper_matches_unsharded():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(8, 5, 4, 3)), jnp.float32)   # [B, N, H, D]
+
+  def per_shard(x):   # a per-(batch, head) op, like a Pallas attention kernel
+    return x * jnp.sum(x, axis=1, keepdims=True)
+
+  spec = sharding.batch_spec(4, head_axis=2)
+  out = jax.jit(sharding.shard_map(per_shard, mesh, in_specs=(spec,), out_specs=spec))(x)
+  np.testing.assert_allclose(out, per_shard(x), rtol=1e-6)
+
+
+def test_initialize_distributed_single_process_is_noop(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+              "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  sharding.initialize_distributed()
+  assert jax.process_count() == 1
+  with pytest.raises(ValueError, match="coordinator"):
+    sharding.initialize_distributed(num_processes=2)

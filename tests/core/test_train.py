@@ -1,0 +1,138 @@
+"""The trainer: sharded step == single-device step, optimiser pieces, EMA, freezing, NaN guard, resume."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import experiments.tasks  # noqa: F401  (registers flow_matching)
+from core import registry, sharding, train
+from experiments.configs import flow_2d
+
+
+def _flow_2d_config(**train_overrides):
+  c = flow_2d.get_config("smoke")
+  c.train.update(train_overrides)
+  return c
+
+
+def _step_once(config, mesh, state_key, batch_np):
+  run = train.setup(config, mesh)
+  state = run.init(state_key)
+  for _ in range(2):
+    state, metrics = run.step(state, sharding.global_batch(batch_np, mesh))
+  return state, metrics
+
+
+def test_sharded_step_equals_single_device_step():
+  config = _flow_2d_config()
+  config.model.width = 64               # 64x64 kernels: large enough to shard at min_fsdp_size=1024
+  config.sharding.min_fsdp_size = 1024
+  rng = np.random.default_rng()
+  batch = {"x": rng.normal(size=(64, 2)).astype(np.float32), "y": np.zeros((64,), np.int32)}
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  eight = sharding.make_mesh({"data": 4, "fsdp": 2, "model": 1})
+  s1, m1 = _step_once(config, one, key, batch)
+  s8, m8 = _step_once(config, eight, key, batch)
+  specs = [l.sharding.spec for l in jax.tree.leaves(s8.params)]
+  assert any("fsdp" in tuple(s) for s in specs), specs          # parameters really are sharded
+  assert any(l.addressable_shards[0].data.size < l.size for l in jax.tree.leaves(s8.opt_state)
+             if hasattr(l, "addressable_shards") and l.ndim >= 2)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(a)), 1e-6)
+  np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
+
+
+def test_schedule_warmup_then_cosine():
+  optim = ml_collections.ConfigDict({"lr": 0.3, "warmup_steps": 10, "schedule": "cosine",
+                                     "min_lr_ratio": 0.1})
+  s = train.make_schedule(optim, 110)
+  for step in (0, 5, 10, 60, 110):
+    if step <= 10:
+      want = 0.3 * step / 10
+    else:
+      frac = (step - 10) / 100
+      want = 0.03 + (0.3 - 0.03) * 0.5 * (1 + np.cos(np.pi * frac))
+    np.testing.assert_allclose(float(s(step)), want, rtol=1e-5, atol=1e-7)
+  optim.schedule = "constant"
+  np.testing.assert_allclose(float(train.make_schedule(optim, 110)(50)), 0.3, rtol=1e-6)
+  optim.schedule = "linear"
+  with pytest.raises(ValueError, match="constant"):
+    train.make_schedule(optim, 110)
+
+
+def test_clipping_ema_and_frozen_leaves():
+  rng = np.random.default_rng()
+  params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  target = jnp.asarray(rng.normal(size=(3, 4)) * 100, jnp.float32)
+
+  @registry.register("test_quadratic")
+  def build(config):
+    return train.Task(init_params=lambda k: params,
+                      loss=lambda p, batch, k: (jnp.sum((p["a"] - target) ** 2) + jnp.sum(p["b"] ** 2), {}),
+                      train_data=None, trainable=lambda p: {"a": True, "b": False})
+
+  config = _flow_2d_config()
+  config.task = "test_quadratic"
+  config.optim.update({"name": "sgd", "b1": 0.0, "lr": 0.01, "warmup_steps": 0, "schedule": "constant",
+                       "grad_clip_norm": 1.0, "ema_decay": 0.9})
+  task = registry.get("test_quadratic")(config)
+  tx, schedule = train.make_optimizer(config.optim, 10, task.trainable(params))
+  state = train.init_state(task, tx, jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(task, tx, schedule, config))
+  state1, metrics = step(state, {})
+  grad = 2 * (params["a"] - target)
+  clipped = grad * min(1.0, 1.0 / float(jnp.sqrt(jnp.sum(grad ** 2) + 4 * jnp.sum(params["b"] ** 2))))
+  np.testing.assert_allclose(state1.params["a"], params["a"] - 0.01 * clipped, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(state1.params["b"], params["b"])       # frozen: bitwise unchanged
+  np.testing.assert_allclose(state1.ema_params["a"], 0.9 * params["a"] + 0.1 * state1.params["a"],
+                             rtol=1e-6)
+  assert int(state1.step) == 1
+
+
+def _nan_task(bad_step):
+  @registry.register(f"test_nan_at_{bad_step}")
+  def build(config):
+    class Data:
+      def __init__(self):
+        self.k = 0
+      def __next__(self):
+        self.k += 1
+        return {"x": np.full((8, 1), np.nan if self.k == bad_step else 1.0, np.float32)}
+      def get_state(self):
+        return {"k": self.k}
+      def set_state(self, s):
+        self.k = s["k"]
+    return train.Task(init_params=lambda k: {"w": jnp.ones((3,))},
+                      loss=lambda p, b, k: (jnp.mean(b["x"]) * jnp.sum(p["w"] ** 2), {}),
+                      train_data=lambda i, n: Data())
+  return f"test_nan_at_{bad_step}"
+
+
+def test_nan_guard_names_step_and_last_checkpoint(tmp_path):
+  config = _flow_2d_config(num_steps=10, checkpoint_every=2, eval_every=0, sample_every=0)
+  config.task = _nan_task(5)
+  with pytest.raises(train.NonFiniteError, match=r"step 5; last good checkpoint: step 4"):
+    train.train(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_incompatible_config_is_refused_and_run_control_may_change(tmp_path):
+  config = _flow_2d_config(num_steps=4, checkpoint_every=2, eval_every=0, sample_every=0)
+  train.train(config, str(tmp_path))
+  longer = _flow_2d_config(num_steps=6, checkpoint_every=2, eval_every=0, sample_every=0)
+  assert train.train(longer, str(tmp_path)) == 6
+  other = _flow_2d_config(num_steps=6)
+  other.model.width = 48
+  with pytest.raises(ValueError, match=r"incompatible config.*model.width \(32 -> 48\)"):
+    train.train(other, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r] == [4, 6]
+  params, cfg, _ = train.restore_params(str(tmp_path))
+  assert cfg.train.num_steps == 6 and jax.tree.leaves(params)
