@@ -25,8 +25,8 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)embedding$", ("vocab", "embed")),
     (r"(^|/)kernel$", ("embed", "mlp")),          # Dense [in, out]
     (r"(^|/)kernel$", (None, None, "embed", "mlp")),  # Conv [kh, kw, in, out]
-    (r"(^|/)(lora_a|a)$", ("embed", None)),
-    (r"(^|/)(lora_b|b)$", (None, "mlp")),
+    (r"(^|/)lora_a$", ("embed", None)),
+    (r"(^|/)lora_b$", (None, "mlp")),
 )
 
 # logical axis -> mesh axis (or None = replicated along it).

@@ -58,18 +58,19 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="cpu", help="flow_images preset (default cpu)")
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--settings", default="1,8", help="comma list: 1 = one device, 8 = 8 fake CPU devices")
   p.add_argument("--out", default="results/bench_train.json")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     print(json.dumps(measure(args.preset, args.steps, json.loads(args.child))))
     return
-  settings = [("1 device", {}, {"data": 1}),
-              ("8 fake CPU devices, data=4 x fsdp=2",
-               {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-               {"data": 4, "fsdp": 2, "model": 1})]
+  settings = {"1": ("1 device", {}, {"data": 1}),
+              "8": ("8 fake CPU devices, data=4 x fsdp=2",
+                    {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                    {"data": 4, "fsdp": 2, "model": 1})}
   rows = []
-  for name, env, mesh in settings:
+  for name, env, mesh in (settings[k] for k in args.settings.split(",")):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env}
     out = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--preset", args.preset,
                           "--steps", str(args.steps), "--child", json.dumps(mesh)],

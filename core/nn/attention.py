@@ -1,4 +1,4 @@
-"""Attention, written once: `dot_product_attention` dispatches by `impl`; `MultiHeadAttention` wraps it.
+"""Attention, written once: `dot_product_attention` dispatches on impl; the layer uses it.
 
 impl:
   "xla"    softmax attention as plain XLA ops (any backend, any dtype; softmax in float32).
@@ -84,7 +84,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl != "xla":
     reason = _cudnn_unsupported(q, k, mask)
     if reason and impl == "cudnn":
-      raise ValueError(f"attention impl 'cudnn' cannot run here: {reason}; use impl='xla' or 'auto'")
+      raise ValueError(f"attention impl 'cudnn' cannot run here: {reason}; "
+                       "use impl='xla' or 'auto'")
     implementation = "xla" if reason else "cudnn"
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 

@@ -1,6 +1,7 @@
 """Diffusion transformer (DiT, arXiv 2212.09748) with adaLN-Zero or adaLN-single conditioning.
 
-The model maps (x_t, t, y) to the rectified-flow velocity v = eps - x0 (`core/flow.py`), t in [0, 1].
+The model maps (x_t, t, y) to the rectified-flow velocity v = eps - x0 (`core/flow.py`), t in
+[0, 1] with t = 1 pure noise.
 adaLN-single (PixArt-alpha, arXiv 2310.00426 Sec. 2.3; SANA, arXiv 2410.10629) replaces each block's
 modulation MLP by one shared MLP of the time embedding plus a learned [6, width] table per block.
 """
@@ -103,7 +104,8 @@ class DiTBlock(nn.Module):
                        f"{'missing' if context_BxMxE is None else 'given'}")
     d = x_BxNxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    shift1, scale1, gate1, shift2, scale2, gate2 = AdaLN(6, self.modulation, name="adaln", **kw)(c, d)
+    adaln = AdaLN(6, self.modulation, name="adaln", **kw)
+    shift1, scale1, gate1, shift2, scale2, gate2 = adaln(c, d)
     attn = lambda name: MultiHeadAttention(self.num_heads, qk_norm=self.qk_norm,
                                            impl=self.attn_impl, name=name, **kw)
     norm = lambda name: make_norm(self.norm, affine=False, name=name, **kw)
@@ -184,6 +186,15 @@ class DiT(nn.Module):
   def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None, *,
                context_BxMxE: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
+    """Args:
+      x_BxHxWxC: the noisy input x_t.
+      t_B: times in [0, 1].
+      y_B: int labels in [0, num_classes], or None.
+      context_BxMxE: cross-attention input (required iff cross_attention).
+      context_mask: boolean, broadcastable to [B, num_heads, N, M]; True = attend.
+    Returns:
+      The velocity, [B, H, W, C] in x's dtype.
+    """
     _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
     b, hgt, wid, ch = x_BxHxWxC.shape
     p = self.patch_size
@@ -200,10 +211,13 @@ class DiT(nn.Module):
     c_blocks = c_BxD
     if self.modulation == "adaln_single":
       c_blocks = nn.Dense(6 * self.width, name="t_block", **kw)(nn.silu(c_BxD))
+    block_kw = dict(mlp_ratio=self.mlp_ratio, mlp=self.mlp, modulation=self.modulation,
+                    attn_impl=self.attn_impl, qk_norm=self.qk_norm, norm=self.norm,
+                    cross_attention=self.cross_attention, **kw)
     for i in range(self.depth):
-      tokens = DiTBlock(self.num_heads, self.mlp_ratio, self.mlp, self.modulation, self.attn_impl,
-                        self.qk_norm, self.norm, self.cross_attention, name=f"block_{i}", **kw)(
-                            tokens, c_blocks, hw=hw, rope=rope, context_BxMxE=context_BxMxE,
-                            context_mask=context_mask)
-    out = FinalLayer(p * p * ch, self.modulation, self.norm, name="final", **kw)(tokens, c_BxD)
+      block = DiTBlock(self.num_heads, name=f"block_{i}", **block_kw)
+      tokens = block(tokens, c_blocks, hw=hw, rope=rope, context_BxMxE=context_BxMxE,
+                     context_mask=context_mask)
+    final = FinalLayer(p * p * ch, modulation=self.modulation, norm=self.norm, name="final", **kw)
+    out = final(tokens, c_BxD)
     return unpatchify(out, p, hgt, wid, ch).astype(x_BxHxWxC.dtype)

@@ -1,4 +1,4 @@
-"""Time, label and position embeddings: sinusoids, rotary angles (1-D and 2-D) and their conditioning MLPs.
+"""Time, label and position embeddings: sinusoids, rotary angles (1-D, 2-D), conditioning MLPs.
 
 Rotary embeddings are passed around as *angles* [..., N, D/2] (D = head dim); `apply_rope` turns the
 pairs (x_i, x_{i + D/2}) of every head by them ("rotate-half" pairing, as in GPT-NeoX), so the 1-D
@@ -53,11 +53,12 @@ def sincos_2d(h: int, w: int, dim: int) -> jax.Array:
   if dim % 4:
     raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
   rows, cols = _grid_positions(h, w)
-  return jnp.concatenate([timestep_embedding(rows, dim // 2), timestep_embedding(cols, dim // 2)], -1)
+  return jnp.concatenate([timestep_embedding(rows, dim // 2), timestep_embedding(cols, dim // 2)],
+                         axis=-1)
 
 
 def rope_1d(positions_N: jax.Array, head_dim: int, *, base: float = 10000.0) -> jax.Array:
-  """Rotary angles [N, head_dim/2] = position * base^(-2i / head_dim) (RoFormer, arXiv 2104.09864 Eq. 15).
+  """Rotary angles [N, head_dim/2] = position * base^(-2i / head_dim) (RoFormer, arXiv 2104.09864).
 
   positions_N may carry leading batch axes ([B, N] -> [B, N, head_dim/2]).
   """
@@ -70,7 +71,7 @@ def rope_2d(h: int, w: int, head_dim: int, *, base: float = 10000.0) -> jax.Arra
   """Rotary angles [h*w, head_dim/2] for a row-major (h, w) grid of image tokens.
 
   The first half of the angles turn with the row index and the second with the column, so half of
-  the head dim rotates with each axis and q.k depends only on (dy, dx) (as in FLUX / PiD's 2-D RoPE).
+  the head dim rotates with each axis and q.k depends only on (dy, dx) (FLUX- / PiD-style 2-D RoPE).
   """
   if head_dim % 4:
     raise ValueError(f"rope_2d needs head_dim divisible by 4, got {head_dim}")
@@ -101,7 +102,7 @@ def apply_rope(x_BxNxHxD: jax.Array, angles: jax.Array) -> jax.Array:
 
 
 class TimestepEmbedder(nn.Module):
-  """t in [0, 1] -> [B, features]: sinusoid of time_scale * t, then Dense-SiLU-Dense (DiT, arXiv 2212.09748).
+  """t in [0, 1] -> [B, features]: sinusoid of time_scale * t, then Dense-SiLU-Dense (DiT).
 
   Attributes:
     features: output width.
@@ -126,7 +127,8 @@ class LabelEmbedder(nn.Module):
   """Class label [B] -> [B, features] from a table with num_classes + 1 rows.
 
   Row `num_classes` is the null label of classifier-free guidance (arXiv 2207.12598); label
-  dropout is the caller's: it passes the null id where the label is dropped.
+  dropout is the caller's: it passes the null id where the label is dropped. Labels outside
+  [0, num_classes] give NaN rows (jnp.take's fill mode), which shows in the loss.
   """
   num_classes: int
   features: int
@@ -141,7 +143,7 @@ class LabelEmbedder(nn.Module):
 
 
 class ConditionEmbedder(nn.Module):
-  """(t_B, y_B or None) -> [B, features]: the time embedding plus, with classes, the label embedding.
+  """(t_B, y_B or None) -> [B, features]: time embedding plus (with classes) label embedding.
 
   With num_classes > 0, y_B = None means "unconditional" (every label is the null id num_classes).
   With num_classes = 0, labels are an error.

@@ -1,7 +1,7 @@
 """LoRA (Hu et al., arXiv 2106.09685) for Linen models used functionally, base parameters untouched.
 
-A Dense kernel W [in, out] is adapted as W + scale * A @ B with A [in, r] and B [r, out]. The factors
-live in their own pytree, mirroring the module paths of the params:
+A Dense kernel W [in, out] is adapted as W + scale * A @ B with A [in, r] and B [r, out]. The
+factors live in their own pytree, mirroring the module paths of the params:
 
     {"block_0": {"attn": {"qkv": {"lora_a": A, "lora_b": B}}}, ...}
 
@@ -137,7 +137,8 @@ def unmerge(merged: Any, lora_params: Any, scale=1.0) -> dict:
   return _add_product(merged, lora_params, -scale)
 
 
-def lora_only(tx: optax.GradientTransformation, lora_key: str = "lora") -> optax.GradientTransformation:
+def lora_only(tx: optax.GradientTransformation,
+              lora_key: str = "lora") -> optax.GradientTransformation:
   """tx for the `lora_key` subtree of a {"base": ..., "lora": ...} tree; zero updates elsewhere.
 
   optax.set_to_zero gives the frozen leaves exact zero updates (so they stay bitwise equal) and no

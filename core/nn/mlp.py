@@ -22,7 +22,7 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """(SiLU(x W_g) * x W_u) W_o (Shazeer, arXiv 2002.05202 Eq. 6): [..., D] -> [..., out_features or D].
+  """(SiLU(x W_g) * x W_u) W_o (arXiv 2002.05202 Eq. 6): [..., D] -> [..., out_features or D].
 
   W_g and W_u are one Dense "fc1" of 2 * hidden outputs (gate first).
   """
@@ -39,7 +39,7 @@ class SwiGLU(nn.Module):
 
 
 class MixFFN(nn.Module):
-  """SANA's Mix-FFN (GLUMBConv; arXiv 2410.10629 Sec. 2.2): [B, h*w, D] -> [B, h*w, out_features or D].
+  """SANA's Mix-FFN (GLUMBConv; arXiv 2410.10629 Sec. 2.2): [B, h*w, D] -> [B, h*w, out or D].
 
   1x1 expand to 2 * hidden + SiLU, 3x3 depthwise conv over the (h, w) token grid (the block's only
   source of position information: SANA uses no position embedding), GLU a * SiLU(gate), 1x1 project

@@ -18,15 +18,20 @@ def patchify(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
   return einops.rearrange(x_BxHxWxC, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
 
 
-def unpatchify(tokens_BxNxP: jax.Array, p: int, height: int, width: int, channels: int) -> jax.Array:
-  """The inverse of `patchify`: [B, (height/p)*(width/p), p*p*channels] -> [B, height, width, channels]."""
+def unpatchify(tokens_BxNxP: jax.Array, p: int, height: int, width: int,
+               channels: int) -> jax.Array:
+  """The inverse of `patchify`: [B, N, p*p*channels] -> [B, height, width, channels].
+
+  height, width and channels are the image's (in pixels), not the token grid's; N must be
+  (height/p) * (width/p).
+  """
   if height % p or width % p:
     raise ValueError(f"unpatchify: height {height} and width {width} must both be divisible by "
                      f"the patch size {p}")
   expected = ((height // p) * (width // p), p * p * channels)
   if tokens_BxNxP.ndim != 3 or tokens_BxNxP.shape[1:] != expected:
-    raise ValueError(f"unpatchify: tokens must be [B, N, P] = [B, {expected[0]}, {expected[1]}] for "
-                     f"a {height}x{width}x{channels} image with patch size {p}, "
+    raise ValueError(f"unpatchify: tokens must be [B, N, P] = [B, {expected[0]}, {expected[1]}] "
+                     f"for a {height}x{width}x{channels} image with patch size {p}, "
                      f"got {tokens_BxNxP.shape}")
   return einops.rearrange(tokens_BxNxP, "b (h w) (p q c) -> b (h p) (w q) c",
                           h=height // p, p=p, q=p, c=channels)

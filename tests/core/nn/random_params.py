@@ -1,4 +1,4 @@
-"""Random parameters without running a module's initialisers (jax.random init compiles slowly on CPU)."""
+"""Random parameters without running a module's initialisers (they compile slowly on CPU)."""
 import jax
 import jax.numpy as jnp
 

@@ -12,7 +12,10 @@ from tests.core.nn.random_params import random_params
 
 
 def softmax_attention_loop(q, k, v, mask=None):
-  """float64 softmax attention, one (batch, head, query) at a time; q [B,Nq,H,D], k, v [B,Nk,H,D]."""
+  """float64 softmax attention, one (batch, head, query) at a time.
+
+  q [B, Nq, H, D]; k, v [B, Nk, H, D]; mask broadcastable to [B, H, Nq, Nk].
+  """
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   b, nq, h, d = q.shape
   nk = k.shape[1]
@@ -194,3 +197,22 @@ def test_bfloat16_compute(rng):
   assert out.dtype == jnp.bfloat16 and out.shape == x.shape
   ref = MultiHeadAttention(2).apply({"params": params}, x.astype(jnp.float32))
   np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=0.1, atol=0.1)
+
+
+def test_cudnn_matches_xla_on_gpu(rng):
+  """Runs only where JAX's backend is a GPU (e.g. JAX_PLATFORMS=cuda pytest -k gpu)."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _qkv(rng, nq=256, nk=256, h=4, d=64))
+  blocks = np.arange(256) // 64
+  for mask in (None, jnp.asarray(blocks[:, None] >= blocks[None, :])):
+    f = lambda q, k, v, impl: dot_product_attention(q, k, v, mask=mask, impl=impl)
+    hlo = jax.jit(f, static_argnums=3).lower(q, k, v, "auto").compile().as_text()
+    assert "cudnn" in hlo  # "auto" chose cuDNN for bf16 with head dim 64
+    out = {impl: jax.jit(f, static_argnums=3)(q, k, v, impl) for impl in ("cudnn", "xla")}
+    np.testing.assert_allclose(out["cudnn"].astype(np.float32), out["xla"].astype(np.float32),
+                               atol=2e-2)
+    grad = {impl: jax.jit(jax.grad(lambda q, impl: f(q, k, v, impl).astype(jnp.float32).sum()),
+                          static_argnums=1)(q, impl) for impl in ("cudnn", "xla")}
+    np.testing.assert_allclose(grad["cudnn"].astype(np.float32), grad["xla"].astype(np.float32),
+                               atol=5e-2, rtol=5e-2)

@@ -120,6 +120,10 @@ def test_bad_configuration_errors(rng):
     DiT(**SMALL, pos_embed="learned").init(jax.random.key(0), x, t)
   with pytest.raises(ValueError, match="mlp must be one of"):
     DiT(**SMALL, mlp="relu").init(jax.random.key(0), x, t)
+  with pytest.raises(ValueError, match="modulation must be one of"):
+    DiT(**SMALL, modulation="film").init(jax.random.key(0), x, t)
+  with pytest.raises(ValueError, match="norm kind must be one of"):
+    DiT(**SMALL, norm="batch").init(jax.random.key(0), x, t)
   with pytest.raises(ValueError, match="divisible by the patch size 3"):
     DiT(**dict(SMALL, patch_size=3)).init(jax.random.key(0), x, t)
   with pytest.raises(ValueError, match=r"t_B must have shape \[B\]"):

@@ -14,7 +14,8 @@ def test_timestep_embedding_closed_form(rng, dim):
   assert emb.shape == (5, dim) and emb.dtype == jnp.float32
   half = dim // 2
   args = t[:, None] * 10000.0 ** (-np.arange(half) / half)
-  expected = np.concatenate([np.cos(args), np.sin(args)] + ([np.zeros((5, 1))] if dim % 2 else []), 1)
+  pad = [np.zeros((5, 1))] if dim % 2 else []
+  expected = np.concatenate([np.cos(args), np.sin(args)] + pad, axis=1)
   np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -109,8 +110,9 @@ def test_apply_rope_batched_angles_and_shape_errors(rng):
 def test_sincos_2d_rows_and_columns():
   h, w, d = 3, 5, 16
   emb = np.asarray(sincos_2d(h, w, d)).reshape(h, w, d)
-  np.testing.assert_array_equal(emb[:, :, :d // 2], np.broadcast_to(emb[:, :1, :d // 2], (h, w, d // 2)))
-  np.testing.assert_array_equal(emb[:, :, d // 2:], np.broadcast_to(emb[:1, :, d // 2:], (h, w, d // 2)))
+  rows, cols = emb[..., :d // 2], emb[..., d // 2:]
+  np.testing.assert_array_equal(rows, np.broadcast_to(rows[:, :1], rows.shape))  # row index only
+  np.testing.assert_array_equal(cols, np.broadcast_to(cols[:1], cols.shape))  # column index only
   flat = emb.reshape(h * w, d)
   dists = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
   assert (dists + np.eye(h * w) > 1e-3).all()

@@ -18,7 +18,8 @@ def test_shapes_and_conditioning(rng):
   assert v.shape == x.shape
   assert not np.allclose(v, model.apply(params, x, 1 - t, y), atol=1e-5)
   assert not np.allclose(v, model.apply(params, x, t, (y + 1) % 3), atol=1e-5)
-  np.testing.assert_array_equal(model.apply(params, x, t), model.apply(params, x, t, jnp.full((6,), 3)))
+  np.testing.assert_array_equal(model.apply(params, x, t),
+                                model.apply(params, x, t, jnp.full((6,), 3)))  # None = null
   with pytest.raises(ValueError, match=r"t_B must have shape \[B\] = \(6,\)"):
     model.apply(params, x, t[:, None], y)
 

@@ -16,7 +16,8 @@ def test_patchify_matches_loop_and_round_trips(rng, shape, p):
     for j in range(w // p):
       for u in range(p):
         for v in range(p):
-          expected[:, i * (w // p) + j, (u * p + v) * c:(u * p + v + 1) * c] = x[:, i * p + u, j * p + v]
+          token, feature = i * (w // p) + j, (u * p + v) * c
+          expected[:, token, feature:feature + c] = x[:, i * p + u, j * p + v]
   np.testing.assert_array_equal(tokens, expected)
   np.testing.assert_array_equal(unpatchify(jnp.asarray(tokens), p, h, w, c), x)
 
@@ -27,5 +28,5 @@ def test_errors_name_the_shapes(rng):
     patchify(x, 4)
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     patchify(x[0], 2)
-  with pytest.raises(ValueError, match=r"tokens must be \[B, N, P\] = \[B, 12, 16\] .*got \(1, 12, 12\)"):
+  with pytest.raises(ValueError, match=r"must be \[B, N, P\] = \[B, 12, 16\] .*got \(1, 12, 12\)"):
     unpatchify(patchify(x, 2), 2, 6, 8, 4)
