@@ -136,3 +136,24 @@ def test_incompatible_config_is_refused_and_run_control_may_change(tmp_path):
   assert [r["step"] for r in rows if "train/loss" in r] == [4, 6]
   params, cfg, _ = train.restore_params(str(tmp_path))
   assert cfg.train.num_steps == 6 and jax.tree.leaves(params)
+
+
+def test_bfloat16_compute_keeps_float32_master_params():
+  from experiments.configs import flow_images
+  rng = np.random.default_rng()
+  batch = {"x": rng.uniform(-1, 1, size=(8, 16, 16, 1)).astype(np.float32),
+           "y": rng.integers(0, 10, size=(8,)).astype(np.int32)}
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = flow_images.get_config("smoke")
+    config.train.compute_dtype = dtype
+    state, metrics = _step_once(config, mesh, key, batch)
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.params))
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.opt_state) if l.ndim)
+    losses[dtype] = float(metrics["loss"])
+  assert losses["float32"] != losses["bfloat16"]                     # the cast really happened
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
+  with pytest.raises(ValueError, match="compute_dtype='float8'"):
+    train.compute_dtype("float8")

@@ -63,7 +63,8 @@ print(json.dumps({'labels': [int(source[i]['label']) for i in range(len(source))
 
 
 def test_two_processes_racing_to_build_both_succeed(tmp_path, data_dir):
-  env = {**os.environ, 'PYTHONPATH': str(_REPO_ROOT)}
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [str(_REPO_ROOT), *filter(None, [os.environ.get('PYTHONPATH')])])}
   children = [subprocess.Popen([sys.executable, '-c', _CHILD, str(tmp_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=env, text=True) for _ in range(2)]
