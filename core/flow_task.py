@@ -129,14 +129,12 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
 
 def save_scatter(samples_Nx2: np.ndarray, data_Mx2: np.ndarray, path: str) -> None:
   """Side-by-side scatter plots of model samples and held-out data points."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+  from matplotlib.figure import Figure   # no pyplot: leaves a notebook's backend alone
+  fig = Figure(figsize=(8, 4))
+  axes = fig.subplots(1, 2, sharex=True, sharey=True)
   for ax, pts, title in ((axes[0], samples_Nx2, "samples"), (axes[1], data_Mx2, "data")):
     ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
     ax.set_title(title)
     ax.set_aspect("equal")
   fig.tight_layout()
   fig.savefig(path, dpi=80)
-  plt.close(fig)

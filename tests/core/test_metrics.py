@@ -112,3 +112,22 @@ def test_flops_of_a_matmul():
   if "bytes accessed" in cost:
     assert cost["bytes accessed"] >= 4 * (m * k + k * n + m * n)
   assert math.isclose(metrics.flops(lambda x, *, y: x @ y, a, y=b)["flops"], 2 * m * n * k)
+
+
+def test_energy_distance_known_answers():
+  rng = np.random.default_rng()
+  x = rng.normal(size=(300, 2)).astype(np.float32)
+  assert metrics.energy_distance(x, x) == 0.0
+  # One point each: 2 |a - b| - 0 - 0.
+  np.testing.assert_allclose(metrics.energy_distance(np.zeros((1, 2)), np.array([[3.0, 4.0]])), 10.0, rtol=1e-6)
+  assert metrics.energy_distance(x, x + 1.0) > metrics.energy_distance(x, x + 0.1) > 0
+
+
+def test_sliced_w1_of_a_translate():
+  rng = np.random.default_rng()
+  x = rng.normal(size=(500, 2))
+  shift = rng.normal(size=2)
+  # Every projection moves by <shift, dir>; the mean of |cos| over directions in the plane is 2 / pi.
+  got = metrics.sliced_w1(x, x + shift, rng, num_projections=20000)
+  np.testing.assert_allclose(got, 2 / np.pi * np.linalg.norm(shift), rtol=0.03)
+  assert metrics.sliced_w1(x, x, rng) == 0.0

@@ -1,0 +1,288 @@
+"""The base rectified-flow models that later methods reuse: 2-D double ring and class-conditional digits.
+
+  python -m experiments.tables.flow --preset cpu [--runs runs/tables] [--out results]
+
+Trains `flow_2d` and `flow_images` (digits, CFG) at the preset through `core.train.train` (a finished
+run is reused), samples with the EMA parameters and writes `flow.md`, `flow.json`,
+`flow_2d_samples.png` and `flow_digits_samples.png` into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+import experiments.tasks  # noqa: F401  (registers the tasks)
+from core import data, flow_task, metrics, train, writers
+from core.data import two_d
+from experiments.configs import _base, flow_2d, flow_images
+
+STEPS = (10, 20, 50)
+CFG_SCALES = (1.0, 2.0, 4.0)
+RING_TOLERANCE = 0.15
+NUM_PROJECTIONS = 128
+# Per preset: 2-D points per sample set (held-out eval has 8192, so two disjoint sets of up to 4096),
+# bootstrap resamples for the spread, and digit samples per class.
+EVAL_SIZES = {"smoke": {"points": 512, "resamples": 4, "per_class": 2},
+              "cpu": {"points": 4096, "resamples": 20, "per_class": 10},
+              "paper": {"points": 4096, "resamples": 100, "per_class": 100}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances between point sets
+
+
+def distances(x_NxD: np.ndarray, y_NxD: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
+  """Energy distance and sliced W1 on the full sets, each with its std over bootstrap resamples of both.
+
+  The seed fixes the resamples and the first set of directions, so every call compares on the same ones.
+  """
+  rng = np.random.default_rng(seed)
+  fns = {"energy": metrics.energy_distance,
+         "sw1": lambda x, y: metrics.sliced_w1(x, y, rng, num_projections=NUM_PROJECTIONS)}
+  out = {}
+  for name, fn in fns.items():
+    out[name] = fn(x_NxD, y_NxD)
+    boot = [fn(x_NxD[rng.integers(0, len(x_NxD), len(x_NxD))],
+               y_NxD[rng.integers(0, len(y_NxD), len(y_NxD))]) for _ in range(resamples)]
+    out[f"{name}_std"] = float(np.std(boot))
+  return out
+
+
+def ring_fraction(x_Nx2: np.ndarray) -> float:
+  """Fraction of points whose radius is within RING_TOLERANCE of one of the double ring's radii."""
+  radius_N = np.linalg.norm(x_Nx2, axis=1)
+  gap_N = np.abs(radius_N[:, None] - np.asarray(two_d.RING_RADII)).min(axis=1)
+  return float((gap_N < RING_TOLERANCE).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and sampling
+
+
+def train_timed(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns steps, batch, EMA decay, eval loss and seconds.
+
+  The wall-clock seconds of every call that trained are summed in `workdir/train_seconds.json`, so a
+  finished run that is reused still reports its time; `timed_steps` says how many steps they cover.
+  """
+  path = os.path.join(workdir, "train_seconds.json")
+  record = {"seconds": 0.0, "timed_steps": 0}
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  ckpt = train.Checkpointer(workdir, keep=1_000_000)
+  start = ckpt.latest_step() or 0
+  ckpt.close()
+  t0 = time.perf_counter()
+  end = train.train(config, workdir)
+  if end > start:
+    record = {"seconds": record["seconds"] + time.perf_counter() - t0,
+              "timed_steps": record["timed_steps"] + end - start}
+    with open(path, "w") as f:
+      json.dump(record, f)
+  eval_losses = [row["eval/loss"] for row in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                 if "eval/loss" in row]
+  return {"steps": end, "batch": int(config.train.global_batch_size),
+          "ema_decay": float(config.optim.ema_decay), "final_eval_loss": eval_losses[-1], **record}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def split_arrays(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+  """A whole split as the model sees it: {"x": float32 [N, ...] (images in [-1, 1]), "y": int32 [N]}."""
+  source = data.load_in_memory(config.data.name, split, config=config.data.config)
+  rng = np.random.default_rng(0)
+  rows = [flow_task.to_model_input(source[i], rng, config) for i in range(len(source))]
+  return {k: np.stack([r[k] for r in rows]) for k in ("x", "y")}
+
+
+def sampler_at(config: ml_collections.ConfigDict, steps: int, cfg_scale: float = 1.0):
+  """The jitted (params, x_T, y) -> x0 sampler of `config` with `steps` Euler steps and CFG `cfg_scale`."""
+  config = config.copy_and_resolve_references()
+  config.flow.sample_steps, config.flow.cfg_scale = steps, cfg_scale
+  return flow_task.make_sampler(config)
+
+
+def evaluate_2d(workdir: str, out_dir: str, sizes: dict) -> dict:
+  """Distances of EMA samples at each of STEPS to held-out points, against the data floor and noise."""
+  params, config, _ = train.restore_params(workdir)
+  n = sizes["points"]
+  held_out = split_arrays(config, config.data.eval_split)["x"]
+  reference_Nx2, other_Nx2 = held_out[:n], held_out[n:2 * n]
+  noise_Nx2 = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (n, 2)))
+  row = lambda name, steps, x_Nx2: {"name": name, "steps": steps, "ring_fraction": ring_fraction(x_Nx2),
+                                    **distances(x_Nx2, reference_Nx2, sizes["resamples"])}
+  rows = [row("held-out data (floor)", None, other_Nx2), row("N(0, I) noise (untrained)", 0, noise_Nx2)]
+  for steps in STEPS:
+    samples_Nx2 = np.asarray(sampler_at(config, steps)(params, noise_Nx2, None))
+    rows.append(row(f"Euler {steps} steps", steps, samples_Nx2))
+  flow_task.save_scatter(samples_Nx2, reference_Nx2, os.path.join(out_dir, "flow_2d_samples.png"))
+  return {"params": metrics.param_count(params), "points": n, "resamples": sizes["resamples"],
+          "num_projections": NUM_PROJECTIONS, "rows": rows}
+
+
+def class_diversity(x_NxHxWxC: np.ndarray, y_N: np.ndarray) -> float:
+  """Mean over classes of the mean L2 distance between two distinct images of that class."""
+  per_class = []
+  for c in np.unique(y_N):
+    flat_KxF = x_NxHxWxC[y_N == c].reshape(int((y_N == c).sum()), -1)
+    dist_KxK = np.sqrt(((flat_KxF[:, None] - flat_KxF[None]) ** 2).sum(-1))
+    per_class.append(dist_KxK[np.triu_indices(len(flat_KxF), 1)].mean())
+  return float(np.mean(per_class))
+
+
+def evaluate_digits(workdir: str, out_dir: str, sizes: dict) -> dict:
+  """Class consistency (by a classifier trained on real digits) and diversity of EMA samples per setting."""
+  params, config, _ = train.restore_params(workdir)
+  train_set, test_set = split_arrays(config, "train"), split_arrays(config, config.data.eval_split)
+  flat = lambda x: x.reshape(len(x), -1)
+  classifier = LogisticRegression(max_iter=2000).fit(flat(train_set["x"]), train_set["y"])
+  k = sizes["per_class"]
+  labels_N = np.repeat(np.arange(config.model.num_classes), k)   # class-major: a grid row is one class
+  noise = jax.random.normal(jax.random.PRNGKey(0), (len(labels_N), *train_set["x"].shape[1:]))
+  # The trained config's own scale is always in the sweep: the sample grid shows it.
+  scales = sorted(set(CFG_SCALES) | {float(config.flow.cfg_scale)})
+  rows = []
+  for steps in STEPS:
+    for scale in scales:
+      sampler = sampler_at(config, steps, scale)
+      images = np.clip(np.asarray(sampler(params, noise, jnp.asarray(labels_N, jnp.int32))), -1.0, 1.0)
+      rows.append({"steps": steps, "cfg_scale": scale,
+                   "class_accuracy": float((classifier.predict(flat(images)) == labels_N).mean()),
+                   "diversity": class_diversity(images, labels_N)})
+      if steps == STEPS[-1] and scale == config.flow.cfg_scale:
+        writers.save_image_grid(images, os.path.join(out_dir, "flow_digits_samples.png"), ncol=k)
+  return {"params": metrics.param_count(params), "num_classes": int(config.model.num_classes),
+          "per_class": k, "num_samples": len(labels_N),
+          "grid_steps": STEPS[-1], "grid_cfg_scale": float(config.flow.cfg_scale),
+          "classifier_test_accuracy": float(classifier.score(flat(test_set["x"]), test_set["y"])),
+          "real_diversity": class_diversity(test_set["x"], test_set["y"]), "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _trained_table(result: dict) -> list[str]:
+  lines = ["| model | config | network | params | steps | batch | EMA decay | train seconds "
+           "| final eval loss |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  for name, spec in (("flow_2d", "flow_2d.py"), ("digits", "flow_images.py")):
+    model, t = result[name], result[name]["train"]
+    seconds = f"{t['seconds']:.0f}"
+    if t["timed_steps"] != t["steps"]:   # part of the run was trained outside this script
+      seconds += f" ({t['timed_steps']} steps timed)"
+    lines.append(f"| {name} | `{spec}:{result['preset']}` | {model['network']} | {model['params']:,} | "
+                 f"{t['steps']} | {t['batch']} | {t['ema_decay']:g} | {seconds} "
+                 f"| {t['final_eval_loss']:.4f} |")
+  return lines
+
+
+def _table_2d(f2d: dict) -> list[str]:
+  rows = {row["steps"]: row for row in f2d["rows"]}
+  floor, noise, last = rows[None], rows[0], rows[STEPS[-1]]
+  lines = [f"{f2d['points']} samples (Euler from the same noise) vs {f2d['points']} held-out points; the "
+           "floor compares two disjoint held-out sets of that size. ± is the std over "
+           f"{f2d['resamples']} bootstrap resamples; sliced W1 uses {f2d['num_projections']} random "
+           "directions.", "",
+           f"| samples | energy distance | sliced W1 | within {RING_TOLERANCE} of a ring |",
+           "|---|---:|---:|---:|"]
+  for row in f2d["rows"]:
+    lines.append(f"| {row['name']} | {row['energy']:.4f} ± {row['energy_std']:.4f} | "
+                 f"{row['sw1']:.4f} ± {row['sw1_std']:.4f} | {row['ring_fraction']:.1%} |")
+  energies = " / ".join(f"{rows[s]['energy']:.4f}" for s in STEPS)
+  lines += ["", f"Energy distance to held-out data is {energies} at {' / '.join(map(str, STEPS))} Euler "
+            f"steps, against {floor['energy']:.4f} between two held-out sets and {noise['energy']:.3f} for "
+            f"noise; {last['ring_fraction']:.1%} of the {STEPS[-1]}-step samples lie within "
+            f"{RING_TOLERANCE} of a ring ({floor['ring_fraction']:.1%} of held-out points)."]
+  return lines
+
+
+def _change(before: float, after: float, decimals: int) -> str:
+  """How `after` compares with `before` at the precision the table prints."""
+  before, after = round(before, decimals), round(after, decimals)
+  return "raises" if after > before else "lowers" if after < before else "leaves unchanged"
+
+
+def _table_digits(dig: dict) -> list[str]:
+  real = dig["real_diversity"]
+  lines = [f"{dig['per_class']} samples per class, the same noise for every setting. Class accuracy: how "
+           "often a logistic-regression classifier trained here on the digits train split predicts the "
+           f"conditioning class (on the real test split it is right {dig['classifier_test_accuracy']:.1%} "
+           "of the time). Diversity: mean L2 distance between two images of the same class, averaged over "
+           f"classes (real test digits: {real:.2f}).", "",
+           "| Euler steps | CFG scale | class accuracy | diversity | diversity / real |",
+           "|---:|---:|---:|---:|---:|"]
+  for row in dig["rows"]:
+    lines.append(f"| {row['steps']} | {row['cfg_scale']:g} | {row['class_accuracy']:.1%} | "
+                 f"{row['diversity']:.2f} | {row['diversity'] / real:.2f} |")
+  at_last = {row["cfg_scale"]: row for row in dig["rows"] if row["steps"] == STEPS[-1]}
+  lo, hi = at_last[min(at_last)], at_last[max(at_last)]
+  lines += ["", f"At {STEPS[-1]} steps, raising the CFG scale from {lo['cfg_scale']:g} to "
+            f"{hi['cfg_scale']:g} {_change(lo['class_accuracy'], hi['class_accuracy'], 3)} class accuracy "
+            f"({lo['class_accuracy']:.1%} -> {hi['class_accuracy']:.1%}; ceiling "
+            f"{dig['classifier_test_accuracy']:.1%}, chance {1 / dig['num_classes']:.0%}) and "
+            f"{_change(lo['diversity'] / real, hi['diversity'] / real, 2)} diversity "
+            f"({lo['diversity'] / real:.2f} -> {hi['diversity'] / real:.2f} of real); over "
+            f"{dig['num_samples']} samples an accuracy has a standard error of at most "
+            f"{np.sqrt(0.25 / dig['num_samples']):.1%}."]
+  return lines
+
+
+def markdown(result: dict) -> str:
+  """The results page: what was trained, the 2-D table and the digits table, with one reading of each."""
+  dig = result["digits"]
+  lines = ["# Base rectified-flow models", "",
+           f"Written by `python -m experiments.tables.flow --preset {result['preset']}` (this run of the "
+           f"script: {result['seconds']:.0f} s, training included only where it trained). Every model is "
+           "evaluated with its EMA parameters; later methods reuse these two models.", "",
+           "## What was trained", "", *_trained_table(result), "",
+           "Train seconds: wall-clock of `core.train.train` as measured by this script (compilation, "
+           "eval/sample hooks and checkpoints included).", "",
+           "## flow_2d: samples vs held-out double-ring points", "", *_table_2d(result["flow_2d"]), "",
+           "![flow_2d samples vs held-out data](flow_2d_samples.png)", "",
+           "## digits: class consistency and diversity", "", *_table_digits(dig), "",
+           f"![digit samples, one row per class, {dig['grid_steps']} steps, CFG {dig['grid_cfg_scale']:g}]"
+           "(flow_digits_samples.png)", ""]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
+  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
+  parser.add_argument("--out", default="results", help="where flow.md, flow.json and the figures go")
+  args = parser.parse_args(argv)
+  t0 = time.perf_counter()
+  sizes = EVAL_SIZES[args.preset]
+  os.makedirs(args.out, exist_ok=True)
+  result = {"preset": args.preset, "steps": list(STEPS), "cfg_scales": list(CFG_SCALES)}
+  for name, config, evaluate in (("flow_2d", flow_2d.get_config(args.preset), evaluate_2d),
+                                 ("digits", flow_images.get_config(args.preset), evaluate_digits)):
+    workdir = os.path.join(args.runs, f"{name}_{args.preset}")
+    trained = train_timed(config, workdir)
+    mc = config.model
+    network = (f"MLP width {mc.width}, depth {mc.depth}" if mc.kind == "mlp" else
+               f"DiT width {mc.width}, depth {mc.depth}, patch {mc.patch_size}")
+    result[name] = {"train": trained, "network": network, **evaluate(workdir, args.out, sizes)}
+  result["seconds"] = time.perf_counter() - t0
+  with open(os.path.join(args.out, "flow.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(args.out, "flow.md"), "w") as f:
+    f.write(markdown(result))
+  writers.log(f"wrote {args.out}/flow.md, flow.json, flow_2d_samples.png, flow_digits_samples.png "
+              f"in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
