@@ -86,7 +86,8 @@ def test_cross_attention(rng):
   params = {"params": random_params(model, rng, x, t, context_BxMxE=ctx)}
   v = model.apply(params, x, t, context_BxMxE=ctx)
   assert not np.allclose(v, model.apply(params, x, t, context_BxMxE=2 * ctx), atol=1e-5)
-  mask = jnp.asarray(rng.random((B, 1, 1, 5)) < 0.5).at[..., 0].set(True)
+  # Random, but never all-True (that would equal no mask) and never all-False (undefined softmax).
+  mask = jnp.asarray(rng.random((B, 1, 1, 5)) < 0.5).at[..., 0].set(True).at[..., -1].set(False)
   assert not np.allclose(v, model.apply(params, x, t, context_BxMxE=ctx, context_mask=mask),
                          atol=1e-5)
   with pytest.raises(ValueError, match="context_BxMxE is missing"):
