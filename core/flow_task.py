@@ -37,13 +37,12 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def to_model_input(example: dict, rng: np.random.Generator, config: ml_collections.ConfigDict) -> dict:
   """One raw example -> {"x": float32 (images in [-1, 1]), "y": int32 label (0 when unconditional)}."""
-  x = np.asarray(example[config.data.field])
-  if x.dtype == np.uint8:
-    x = x.astype(np.float32) / 127.5 - 1.0
-    if config.data.get("random_flip", False) and rng.random() < 0.5:
-      x = x[:, ::-1]
+  if config.data.field == "image":
+    if config.data.get("random_flip", False):
+      example = data.random_flip(example, rng)
+    example = data.to_float(example, rng)
   y = int(example[config.data.label_field]) if config.data.label_field else 0
-  return {"x": x.astype(np.float32), "y": np.int32(y)}
+  return {"x": np.asarray(example[config.data.field], np.float32), "y": np.int32(y)}
 
 
 def make_sampler(config: ml_collections.ConfigDict, model=None) -> Callable:
