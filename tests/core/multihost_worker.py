@@ -1,4 +1,4 @@
-"""One process of the two-process test: `python -m tests.core.multihost_worker PID NPROC PORT OUT`.
+"""One process of the two-process test (3 train steps, then a checkpoint save/restore): `python -m tests.core.multihost_worker PID NPROC PORT OUT`.
 
 NPROC=1 is the single-process reference. Each process owns 2 CPU devices; the mesh spans all of them.
 """
@@ -30,11 +30,19 @@ def main(pid: int, nproc: int, port: int, out: str) -> None:
   for _ in range(3):
     state, metrics = run.step(state, sharding.global_batch(next(data), mesh))
     losses.append(float(metrics["loss"]))
-  norm = float(jax.jit(lambda p: sum(jax.numpy.sum(x ** 2) for x in jax.tree.leaves(p)),
-                       out_shardings=sharding.replicated(mesh))(state.params))
+  sq_norm = jax.jit(lambda p: sum(jax.numpy.sum(x ** 2) for x in jax.tree.leaves(p)),
+                    out_shardings=sharding.replicated(mesh))
+  norm = float(sq_norm(state.params))
+  # Every process saves its shards into one shared directory and restores them.
+  ckpt = train.Checkpointer(os.path.join(os.path.dirname(out), f"run_{nproc}"), keep=1)
+  ckpt.save(state, data.get_state())
+  ckpt.wait()
+  restored, data_state = ckpt.restore(3, run.abstract_state, run.shardings)
+  ckpt.close()
   with open(out, "w") as f:
     json.dump({"losses": losses, "param_sq_norm": norm, "processes": jax.process_count(),
-               "devices": jax.device_count()}, f)
+               "devices": jax.device_count(), "restored_sq_norm": float(sq_norm(restored.params)),
+               "restored_data_step": data_state["step"]}, f)
 
 
 if __name__ == "__main__":

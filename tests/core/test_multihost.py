@@ -1,4 +1,5 @@
-"""Two CPU processes joined by jax.distributed.initialize run the same step as one process."""
+"""Two CPU processes joined by jax.distributed.initialize run the same steps as one process and
+save/restore one checkpoint together."""
 import json
 import os
 import subprocess
@@ -29,3 +30,5 @@ def test_two_processes_agree_with_one(tmp_path):
   assert r0["losses"] == r1["losses"]                     # every process sees the same global loss
   np.testing.assert_allclose(r0["losses"], ref["losses"], rtol=1e-5)
   np.testing.assert_allclose(r0["param_sq_norm"], ref["param_sq_norm"], rtol=1e-5)
+  for r in (r0, r1, ref):    # the checkpoint written by both processes restores what was saved
+    assert r["restored_sq_norm"] == r["param_sq_norm"] and r["restored_data_step"] == 3
