@@ -45,6 +45,16 @@ def to_model_input(example: dict, rng: np.random.Generator, config: ml_collectio
   return {"x": np.asarray(example[config.data.field], np.float32), "y": np.int32(y)}
 
 
+def model_inputs(config: ml_collections.ConfigDict, split: str, limit: int | None = None) -> dict:
+  """The first `limit` examples (default all) of `split` as the model sees them, stacked:
+  {"x": float32 [N, *example_shape], "y": int32 [N]}; augmentations draw from a fixed rng."""
+  source = data.load_in_memory(config.data.name, split, config=config.data.config)
+  n = len(source) if limit is None else min(limit, len(source))
+  rng = np.random.default_rng(0)
+  rows = [to_model_input(source[i], rng, config) for i in range(n)]
+  return {k: np.stack([r[k] for r in rows]) for k in ("x", "y")}
+
+
 def make_sampler(config: ml_collections.ConfigDict, model=None) -> Callable:
   """(params, x_T, y) -> x_0 by Euler on the shifted grid of `config.flow`, with CFG when conditional.
 
@@ -93,11 +103,7 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
                               process_index=process_index, process_count=process_count,
                               transform=lambda ex, rng: to_model_input(ex, rng, config))
 
-  eval_source = data.load(dc.name, dc.eval_split, config=dc.config)
-  n_eval = min(int(fc.eval_size), len(eval_source))
-  rng = np.random.default_rng(0)
-  eval_rows = [to_model_input(eval_source[i], rng, config) for i in range(n_eval)]
-  eval_batch = {k: np.stack([r[k] for r in eval_rows]) for k in ("x", "y")}
+  eval_batch = model_inputs(config, dc.eval_split, limit=int(fc.eval_size))
   eval_loss = jax.jit(lambda p, k: loss_batch(p, eval_batch, k)[0])
 
   def evaluate(params, step, workdir):

@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
-from core import data, flow_task, metrics, train, writers
+from core import flow_task, metrics, train, writers
 from core.data import two_d
 from experiments.configs import _base, flow_2d, flow_images
 
@@ -99,14 +99,6 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def split_arrays(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
-  """A whole split as the model sees it: {"x": float32 [N, ...] (images in [-1, 1]), "y": int32 [N]}."""
-  source = data.load_in_memory(config.data.name, split, config=config.data.config)
-  rng = np.random.default_rng(0)
-  rows = [flow_task.to_model_input(source[i], rng, config) for i in range(len(source))]
-  return {k: np.stack([r[k] for r in rows]) for k in ("x", "y")}
-
-
 def sampler_at(config: ml_collections.ConfigDict, steps: int, cfg_scale: float = 1.0):
   """The jitted (params, x_T, y) -> x0 sampler of `config` with `steps` Euler steps and CFG `cfg_scale`."""
   config = config.copy_and_resolve_references()
@@ -118,7 +110,7 @@ def evaluate_2d(workdir: str, out_dir: str, sizes: dict) -> dict:
   """Distances of EMA samples at each of STEPS to held-out points, against the data floor and noise."""
   params, config, _ = train.restore_params(workdir)
   n = sizes["points"]
-  held_out = split_arrays(config, config.data.eval_split)["x"]
+  held_out = flow_task.model_inputs(config, config.data.eval_split)["x"]
   reference_Nx2, other_Nx2 = held_out[:n], held_out[n:2 * n]
   noise_Nx2 = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (n, 2)))
   row = lambda name, steps, x_Nx2: {"name": name, "steps": steps, "ring_fraction": ring_fraction(x_Nx2),
@@ -145,7 +137,8 @@ def class_diversity(x_NxHxWxC: np.ndarray, y_N: np.ndarray) -> float:
 def evaluate_digits(workdir: str, out_dir: str, sizes: dict) -> dict:
   """Class consistency (by a classifier trained on real digits) and diversity of EMA samples per setting."""
   params, config, _ = train.restore_params(workdir)
-  train_set, test_set = split_arrays(config, "train"), split_arrays(config, config.data.eval_split)
+  train_set = flow_task.model_inputs(config, "train")
+  test_set = flow_task.model_inputs(config, config.data.eval_split)
   flat = lambda x: x.reshape(len(x), -1)
   classifier = LogisticRegression(max_iter=2000).fit(flat(train_set["x"]), train_set["y"])
   k = sizes["per_class"]
