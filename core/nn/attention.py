@@ -4,7 +4,8 @@ impl:
   "xla"    softmax attention as plain XLA ops (any backend, any dtype; softmax in float32).
   "cudnn"  cuDNN's fused flash attention (GPU, bf16/fp16, head dim a multiple of 8 and <= 128).
   "auto"   "cudnn" where those conditions hold, otherwise "xla".
-  "linear" SANA's ReLU linear attention (arXiv 2410.10629 Sec. 2.2), a Pallas kernel in `kernels/`.
+  "linear" SANA's ReLU linear attention (arXiv 2410.10629 Sec. 2.2): `kernels.linear_attention`, the
+           Pallas kernel on a GPU, its XLA reference elsewhere. O(N) in the sequence length.
 """
 import functools
 
@@ -15,6 +16,7 @@ from flax.typing import Dtype
 
 from core.nn.embeddings import apply_rope
 from core.nn.norm import make_norm
+from kernels.linear_attention import linear_attention
 
 IMPLS = ("xla", "cudnn", "auto", "linear")
 
@@ -48,18 +50,6 @@ def _check_inputs(q, k, v, mask) -> None:
                        f"got {mask.dtype} {mask.shape}")
 
 
-def _linear_attention(q, k, v):
-  try:
-    from kernels.linear_attention import linear_attention
-  except ModuleNotFoundError as e:
-    if e.name != "kernels.linear_attention":
-      raise
-    raise NotImplementedError(
-        "impl='linear' dispatches to kernels.linear_attention.linear_attention(q, k, v), which "
-        "does not exist yet (kernels/linear_attention.py)") from e
-  return linear_attention(q, k, v)
-
-
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: jax.Array | None = None, impl: str = "xla") -> jax.Array:
   """softmax(q k^T / sqrt(D)) v per head, or ReLU linear attention for impl="linear".
@@ -79,7 +69,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl == "linear":
     if mask is not None:
       raise ValueError("impl='linear' (ReLU linear attention) does not support a mask")
-    return _linear_attention(q, k, v)
+    return linear_attention(q, k, v)
   implementation = "xla"
   if impl != "xla":
     reason = _cudnn_unsupported(q, k, mask)
