@@ -6,7 +6,7 @@ Per shape it prints, for the forward pass and for forward + backward: the median
 must move at least (inputs read once, outputs written once), the achieved GB/s, that as a percentage
 of the copy bandwidth measured in the same run (XLA's `x * 1.5` over 1 GiB, read + write), and the
 kernel's speedup over the reference. The per-channel gate is a matmul, so its TFLOP/s is printed too.
-On a GPU it also sweeps the kernels' row-block sizes and reports each. On a CPU the kernels run only
+On a GPU it also tries a few tile sizes and warp counts (SWEEPS) and reports each. On a CPU the kernels run only
 in interpret mode, a correctness tool: it checks them against the reference at a small size and
 reports them as not timed; the reference is timed at reduced sizes.
 """
@@ -29,7 +29,12 @@ PAPER_SIZES = dict(attention=dict(B=4, H=36, D=32, N=(1024, 4096, 16384, 65536))
                    gate=dict(B=1, N=16384, D=1536, G=(1536, 1)))
 SMALL_SIZES = dict(attention=dict(B=2, H=4, D=32, N=(1024, 4096)),
                    gate=dict(B=1, N=1024, D=256, G=(256, 1)))
-SWEEPS = dict(attention=("BLOCK_N", (64, 128, 256)), gate=("BLOCK_ROWS", (32, 64, 128)))
+# Kernel settings tried on a GPU (module attributes; the first is the module's default).
+SWEEPS = dict(
+    attention=[dict(BLOCK_N=128, NUM_WARPS=4), dict(BLOCK_N=64, NUM_WARPS=4),
+               dict(BLOCK_N=256, NUM_WARPS=4), dict(BLOCK_N=256, NUM_WARPS=8)],
+    gate=[dict(BLOCK_ROWS=64, NUM_WARPS=4), dict(BLOCK_ROWS=32, NUM_WARPS=4),
+          dict(BLOCK_ROWS=128, NUM_WARPS=4), dict(BLOCK_ROWS=128, NUM_WARPS=8)])
 
 
 def median_seconds(fn, *args, iters: int, warmup: int = 3) -> float:
@@ -112,20 +117,22 @@ def bench_case(case, module, sweep, bandwidth, iters, timed_kernel):
   rows.append(dict(op=case["op"], shape=case["shape"], impl="xla", block=None, fwd_ms=ref_fwd * 1e3,
                    fwd_bwd_ms=ref_fb * 1e3))
   if timed_kernel:
-    name, values = sweep
-    default = getattr(module, name)
-    for value in values:
-      setattr(module, name, value)
+    for setting in sweep:
+      label = " ".join(f"{k}={v}" for k, v in setting.items())
+      defaults = {k: getattr(module, k) for k in setting}
+      for k, v in setting.items():
+        setattr(module, k, v)
       try:
         out, t_fwd, t_fb = time_case(case, "pallas", iters)
-        rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=f"{name}={value}",
+        rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=label,
                          fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3,
                          rel_err_vs_xla=relative_error(out, ref_out)))
       except Exception as e:  # one failing configuration must not lose the others' numbers
-        rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas",
-                         block=f"{name}={value}", error=f"{type(e).__name__}: {str(e)[:300]}"))
+        rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=label,
+                         error=f"{type(e).__name__}: {str(e)[:300]}"))
       finally:
-        setattr(module, name, default)
+        for k, v in defaults.items():
+          setattr(module, k, v)
   else:
     rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=None,
                      note="interpret mode: not timed"))
@@ -157,7 +164,7 @@ def format_table(rows) -> str:
   cols = [("op", "op", "{}"), ("shape", "shape", "{}"), ("impl", "impl", "{}"), ("block", "block", "{}"),
           ("fwd_ms", "fwd ms", "{:.3f}"), ("fwd_GBps", "GB/s", "{:.3g}"),
           ("fwd_pct_copy_bw", "% copy", "{:.1f}"), ("fwd_speedup", "x ref", "{:.2f}"),
-          ("fwd_TFLOPs", "TFLOP/s", "{:.1f}"), ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
+          ("fwd_TFLOPs", "TFLOP/s", "{:.3g}"), ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
           ("fwd_bwd_pct_copy_bw", "% copy", "{:.1f}"), ("fwd_bwd_speedup", "x ref", "{:.2f}"),
           ("rel_err_vs_xla", "rel err", "{:.1e}")]
   lines = ["| " + " | ".join(c[1] for c in cols) + " | note |",
@@ -174,7 +181,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--sizes", choices=("paper", "small"), default=None,
                       help="paper = the issue's shapes (default on a GPU); small (default on a CPU)")
-  parser.add_argument("--no-sweep", action="store_true", help="time only the default block sizes")
+  parser.add_argument("--no-sweep", action="store_true", help="time only the default settings")
   args = parser.parse_args(argv)
   gpu = common.on_gpu()
   sizes = PAPER_SIZES if (args.sizes or ("paper" if gpu else "small")) == "paper" else SMALL_SIZES
@@ -192,7 +199,7 @@ def main(argv=None) -> dict:
   for cases, module, sweep in ((attention_cases(sizes, key), la, SWEEPS["attention"]),
                                (gate_cases(sizes, key), sg, SWEEPS["gate"])):
     if args.no_sweep:
-      sweep = (sweep[0], (getattr(module, sweep[0]),))
+      sweep = sweep[:1]
     for case in cases:
       rows = bench_case(case, module, sweep, bandwidth, args.iters, timed_kernel=gpu)
       table = format_table(rows)
