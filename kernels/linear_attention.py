@@ -27,7 +27,11 @@ from jax.experimental import pallas as pl
 from kernels import common
 
 BLOCK_N = 128            # tokens per tile
-TARGET_PROGRAMS = 528    # reduction kernels split tokens into chunks until ~4 programs per H100 SM
+NUM_WARPS = 4            # Triton warps per program
+# The token reductions split each (batch, head) into chunks until there are about this many programs:
+# ~16 per H100 SM, so that each SM holds several at once and the last wave is short. A chunk's partial
+# sums cost D * Dv * 4 bytes, negligible beside the chunk's k and v once a chunk spans a few blocks.
+TARGET_PROGRAMS = 2048
 
 
 def linear_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -164,7 +168,7 @@ def _kv_sums(k, v, block, interpret):
                  pl.BlockSpec((None, None, None, 1, d), lambda i, j, c: (i, j, c, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, h, chunks, d, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, chunks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(num_stages=3), interpret=interpret,
+      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
       name="linear_attention_kv_sums")(k, v)
   return s_part.sum(axis=2), z_part.sum(axis=2)
 
@@ -189,7 +193,7 @@ def _output(q, s, z, eps, block, interpret):
                 pl.BlockSpec((None, None, 1, d), lambda i, j, t: (i, j, 0, 0))],
       out_specs=pl.BlockSpec((None, block, None, dv), lambda i, j, t: (i, t, j, 0)),
       out_shape=jax.ShapeDtypeStruct((b, n, h, dv), q.dtype),
-      compiler_params=common.triton_params(), interpret=interpret,
+      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
       name="linear_attention_output")(q, s, z)
 
 
@@ -241,7 +245,7 @@ def _query_grads(q, g, s, z, eps, block, interpret):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, chunks, d, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, chunks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(num_stages=3), interpret=interpret,
+      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
       name="linear_attention_query_grads")(q, g, s, z)
   return dq, ds_part.sum(axis=2), dz_part.sum(axis=2)
 
@@ -269,5 +273,5 @@ def _key_grads(k, v, ds, dz, block, interpret):
       out_specs=[pl.BlockSpec((None, block, None, d), lambda i, j, t: (i, t, j, 0)),
                  pl.BlockSpec((None, block, None, dv), lambda i, j, t: (i, t, j, 0))],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=common.triton_params(), interpret=interpret,
+      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
       name="linear_attention_key_grads")(k, v, ds, dz)

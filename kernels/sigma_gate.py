@@ -29,6 +29,7 @@ from kernels import common
 
 BLOCK_ROWS = 64      # tokens per tile
 BLOCK_COLS = 128     # output channels per tile and the matmuls' reduction step
+NUM_WARPS = 4        # Triton warps per program
 
 
 def sigma_gate_reference(x, lq, sigma, w, b, log_alpha) -> jax.Array:
@@ -80,13 +81,14 @@ def sigma_gate(x: jax.Array, lq: jax.Array, sigma: jax.Array, w: jax.Array, b: j
   Args:
     x: [B, N, D] backbone tokens. lq: [B, N, D] adapter features, x's dtype.
     sigma: [B] the latent's noise level. w: [2D, G], G = D (per-channel gate) or 1 (per token).
-    b: [G]. log_alpha: scalar.
+    b: [G]. log_alpha: scalar (an array or a Python float).
     impl: "xla" (the reference), "pallas" (the kernels), "auto" (the kernels on a GPU where D fits,
       the reference otherwise).
     interpret: run the Pallas kernels in interpret mode; None = on every backend but a GPU.
   Returns:
     [B, N, D] in x's dtype; differentiable in every argument.
   """
+  x, lq, sigma, w, b, log_alpha = (jnp.asarray(a) for a in (x, lq, sigma, w, b, log_alpha))
   _check_inputs(x, lq, sigma, w, b, log_alpha)
   interpret = common.resolve_interpret(interpret)
   impl = common.choose_impl(impl, interpret, _unsupported(x), "sigma_gate")
@@ -151,7 +153,7 @@ def _gate_logits(x_ref, lq_ref, wx_ref, wlq_ref, c_ref, *, block_k, precision):
 
 def _channel_gate_kernel(x_ref, lq_ref, wx_ref, wlq_ref, c_ref, o_ref, *, block_k, precision):
   a = _gate_logits(x_ref, lq_ref, wx_ref, wlq_ref, c_ref, block_k=block_k, precision=precision)
-  own = _cols(pl.program_id(2), o_ref.shape[1])
+  own = _cols(pl.program_id(0), o_ref.shape[1])
   x, lq = x_ref[:, own].astype(jnp.float32), lq_ref[:, own].astype(jnp.float32)
   o_ref[...] = (x + jax.nn.sigmoid(a) * lq).astype(o_ref.dtype)
 
@@ -160,36 +162,38 @@ def _channel_grads_kernel(x_ref, lq_ref, g_ref, wx_ref, wlq_ref, c_ref, da_ref, 
                           precision):
   s = jax.nn.sigmoid(_gate_logits(x_ref, lq_ref, wx_ref, wlq_ref, c_ref, block_k=block_k,
                                   precision=precision))
-  own = _cols(pl.program_id(2), da_ref.shape[1])
+  own = _cols(pl.program_id(0), da_ref.shape[1])
   g, lq = g_ref[...].astype(jnp.float32), lq_ref[:, own].astype(jnp.float32)
   da_ref[...] = (g * lq * s * (1.0 - s)).astype(da_ref.dtype)
   gs_ref[...] = (g * s).astype(gs_ref.dtype)
 
 
 def _channel_specs(block_n, d):
-  """BlockSpecs for a grid (batch, row block, channel block) over [B, N, D] arrays: a whole-width row
+  """BlockSpecs for a grid (channel block, batch, row block) over [B, N, D] arrays: a whole-width row
   block, the program's [bn, bc] tile, w's column and row blocks, the bias's column block."""
   block_c = common.pow2_tile(d, BLOCK_COLS) or d
   return dict(
-      rows=pl.BlockSpec((None, block_n, d), lambda i, t, j: (i, t, 0)),
-      tile=pl.BlockSpec((None, block_n, block_c), lambda i, t, j: (i, t, j)),
-      w_cols=pl.BlockSpec((d, block_c), lambda i, t, j: (0, j)),
-      w_rows=pl.BlockSpec((block_c, d), lambda i, t, j: (j, 0)),
-      c_cols=pl.BlockSpec((None, 1, block_c), lambda i, t, j: (i, 0, j)))
+      rows=pl.BlockSpec((None, block_n, d), lambda j, i, t: (i, t, 0)),
+      tile=pl.BlockSpec((None, block_n, block_c), lambda j, i, t: (i, t, j)),
+      w_cols=pl.BlockSpec((d, block_c), lambda j, i, t: (0, j)),
+      w_rows=pl.BlockSpec((block_c, d), lambda j, i, t: (j, 0)),
+      c_cols=pl.BlockSpec((None, 1, block_c), lambda j, i, t: (i, 0, j)))
 
 
 def _channel_call(kernel, inputs, in_specs, num_outputs, block_n, interpret, name):
-  """A pallas_call over (batch, row block, channel block) writing num_outputs [B, N, D] tiles in
-  the first input's dtype."""
+  """A pallas_call over (channel block, batch, row block) writing num_outputs [B, N, D] tiles in
+  the first input's dtype. The channel-block axis comes first because Triton launches grid axis 0
+  fastest: the programs that share a row block of x and lq then run together and read it from L2."""
   b, n, d = inputs[0].shape
   specs = _channel_specs(block_n, d)
   block_c = specs["tile"].block_shape[-1]
   return pl.pallas_call(
       functools.partial(kernel, block_k=block_c, precision=common.dot_precision(inputs[0].dtype)),
-      grid=(b, n // block_n, d // block_c),
+      grid=(d // block_c, b, n // block_n),
       in_specs=[specs[k] for k in in_specs], out_specs=[specs["tile"]] * num_outputs,
       out_shape=[jax.ShapeDtypeStruct((b, n, d), inputs[0].dtype)] * num_outputs,
-      compiler_params=common.triton_params(num_stages=3), interpret=interpret, name=name)(*inputs)
+      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
+      name=name)(*inputs)
 
 
 def _channel_gate(x, lq, w_x, w_lq, c, block_n, interpret):
@@ -296,8 +300,8 @@ def _token_gate(x, lq, w_x, w_lq, c, block_n, interpret):
   return pl.pallas_call(
       functools.partial(_token_gate_kernel, block_k=common.pow2_tile(d, BLOCK_COLS) or d),
       grid=(b, n // block_n), in_specs=[rows, rows, weight, weight, bias], out_specs=rows,
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=common.triton_params(),
-      interpret=interpret, name="sigma_gate_token")(x, lq, w_x.T, w_lq.T, c)
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret, name="sigma_gate_token")(x, lq, w_x.T, w_lq.T, c)
 
 
 def _token_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret):
@@ -315,6 +319,6 @@ def _token_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret):
                  jax.ShapeDtypeStruct((b, n, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, blocks, 1, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, blocks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(), interpret=interpret,
+      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
       name="sigma_gate_token_grads")(x, lq, g, w_x.T, w_lq.T, c)
   return dx, dlq, da, dwx_part.sum(axis=(0, 1)).T, dwlq_part.sum(axis=(0, 1)).T
