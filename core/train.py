@@ -42,6 +42,7 @@ class TrainState:
   opt_state: PyTree
   ema_params: PyTree     # float32; equals params when EMA is off
   rng: jax.Array         # uint32 [2]; the key of step k is fold_in(rng, k)
+  carry: PyTree          # the task's state between steps ({} for most tasks), batch-major arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Task:
   evaluate / sample: (params, step, workdir) -> {name: scalar}; called with the EMA parameters every
     `train.eval_every` / `train.sample_every` steps and at the end. `sample` writes files (grids).
   trainable: params -> pytree of bools, True where the optimiser may update (LoRA, frozen towers).
+  init_carry: key -> pytree of global arrays whose leading dim is the global batch: state a task keeps
+    from one step to the next (Relay's rollout buffer), checkpointed with the train state and sharded
+    like the batch. A task with a carry has loss (params, batch, key, carry) -> (loss, metrics, carry);
+    the new carry is not differentiated.
   """
   init_params: Callable[[jax.Array], PyTree]
   loss: Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -62,6 +67,7 @@ class Task:
   evaluate: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
   sample: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
   trainable: Callable[[PyTree], PyTree] | None = None
+  init_carry: Callable[[jax.Array], PyTree] | None = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,10 +130,11 @@ def cast_floating(tree: PyTree, dtype) -> PyTree:
 
 
 def init_state(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  init_key, state_key = jax.random.split(key)
+  init_key, state_key, carry_key = jax.random.split(key, 3)
   params = task.init_params(init_key)
+  carry = {} if task.init_carry is None else task.init_carry(carry_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=params, rng=state_key)
+                    ema_params=params, rng=state_key, carry=carry)
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -140,17 +147,22 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      loss, metrics = task.loss(cast_floating(params, dtype), batch, key)
-      return loss.astype(jnp.float32), metrics
+      if task.init_carry is None:
+        loss, metrics = task.loss(cast_floating(params, dtype), batch, key)
+        carry = state.carry
+      else:
+        loss, metrics, carry = task.loss(cast_floating(params, dtype), batch, key, state.carry)
+      return loss.astype(jnp.float32), (metrics, carry)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay) if ema_decay
            else params)
     metrics = {**{k: v.astype(jnp.float32) for k, v in metrics.items()}, "loss": loss,
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                         carry=carry), metrics
 
   return step_fn
 
@@ -164,8 +176,11 @@ def jit_train_step(step_fn: Callable, state_shardings: PyTree, mesh) -> Callable
 def state_shardings(abstract_state: TrainState, mesh, config: ml_collections.ConfigDict) -> PyTree:
   shard = config.get("sharding", ml_collections.ConfigDict())
   rules = tuple(tuple(r) for r in shard.get("logical_axis_rules", sharding.DEFAULT_LOGICAL_AXIS_RULES))
-  return sharding.tree_shardings(abstract_state, mesh, min_fsdp_size=int(shard.get("min_fsdp_size", 2**14)),
-                                 rules=rules)
+  shardings = sharding.tree_shardings(abstract_state, mesh,
+                                      min_fsdp_size=int(shard.get("min_fsdp_size", 2**14)), rules=rules)
+  carry = jax.tree.map(lambda a: sharding.batch_sharding(mesh) if a.ndim else sharding.replicated(mesh),
+                       abstract_state.carry)
+  return shardings.replace(carry=carry)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,3 +167,44 @@ def test_bfloat16_compute_keeps_float32_master_params():
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
   with pytest.raises(ValueError, match="compute_dtype='float8'"):
     train.compute_dtype("float8")
+
+
+def _carry_task(batch_size):
+  """A task whose carry is a per-row accumulator and a step counter: pred = (x + acc) . w,
+  acc' = acc + x * w[0]. The new carry reads the parameters, so a differentiated carry would change
+  the gradient."""
+  def loss(params, batch, key, carry):
+    pred = (batch["x"] + carry["acc"]) @ params["w"]
+    new = {"acc": carry["acc"] + batch["x"] * params["w"][0], "count": carry["count"] + 1}
+    return jnp.mean(pred ** 2), {}, new
+
+  return train.Task(
+      init_params=lambda key: {"w": jax.random.normal(key, (2,))}, loss=loss, train_data=None,
+      init_carry=lambda key: {"acc": jnp.zeros((batch_size, 2)), "count": jnp.zeros((), jnp.int32)})
+
+
+def test_carry_is_threaded_sharded_not_differentiated_and_checkpointed(tmp_path):
+  config = _flow_2d_config()
+  config.optim.update({"name": "sgd", "b1": 0.0, "lr": 0.1, "warmup_steps": 0, "grad_clip_norm": 0.0,
+                       "schedule": "constant", "ema_decay": 0.0})
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "model": 1})
+  task = _carry_task(16)
+  run = train.setup(config, mesh, task=task)
+  state = run.init(jax.random.PRNGKey(np.random.default_rng().integers(1 << 30)))
+  rng = np.random.default_rng()
+  for _ in range(2):
+    x = rng.normal(size=(16, 2)).astype(np.float32)
+    w, acc = np.asarray(state.params["w"]), np.asarray(state.carry["acc"])
+    state, _ = run.step(state, sharding.global_batch({"x": x}, mesh))
+    np.testing.assert_allclose(np.asarray(state.carry["acc"]), acc + x * w[0], rtol=1e-6, atol=1e-6)
+    # d/dw mean(((x + acc) . w)^2) only: the carry update is not differentiated.
+    grad = 2 * ((x + acc) @ w)[:, None] * (x + acc)
+    np.testing.assert_allclose(np.asarray(state.params["w"]), w - 0.1 * grad.mean(0), rtol=1e-5)
+  assert int(state.carry["count"]) == 2
+  assert state.carry["acc"].sharding.spec[0] == sharding.BATCH_AXES
+  ckpt = train.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(state, {"position": 2})
+  ckpt.wait()
+  restored, _ = ckpt.restore(2, run.abstract_state, run.shardings)
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored.carry["acc"]), np.asarray(state.carry["acc"]))
