@@ -102,7 +102,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, context_BxMxE: jax.Array | None = None, *,
-               rope: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+               rope: jax.Array | None = None, mask: jax.Array | None = None,
+               kv_prefix: tuple[jax.Array, jax.Array] | None = None, return_kv: bool = False):
     """Attends from x to itself, or to context_BxMxE when given.
 
     Args:
@@ -110,9 +111,13 @@ class MultiHeadAttention(nn.Module):
       context_BxMxE: the keys'/values' input for cross-attention.
       rope: rotary angles [N, D/H/2] or [B, N, D/H/2] (`rope_1d`, `rope_2d`) applied to q and k;
         self-attention only, since queries and keys then share positions.
-      mask: boolean, broadcastable to [B, H, N, N or M]; True = attend.
+      mask: boolean, broadcastable to [B, H, N, P + N] (P = the prefix length, 0 without one) or
+        [B, H, N, M]; True = attend.
+      kv_prefix: cached (k, v), each [B, P, H, D/H] as returned by an earlier call with
+        return_kv=True (keys already rotated); the queries attend to them before x's own keys.
+      return_kv: also return x's own (k, v), for a cache.
     Returns:
-      [B, N, D].
+      [B, N, D], or ([B, N, D], (k, v)) with return_kv.
     """
     d = x_BxNxD.shape[-1]
     if d % self.num_heads:
@@ -137,5 +142,9 @@ class MultiHeadAttention(nn.Module):
       q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
+    own_kv = (k, v)
+    if kv_prefix is not None:
+      k, v = (jnp.concatenate([p, a], axis=1) for p, a in zip(kv_prefix, own_kv))
     o = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
-    return dense(d, name="out")(o.reshape(*o.shape[:-2], d))
+    out = dense(d, name="out")(o.reshape(*o.shape[:-2], d))
+    return (out, own_kv) if return_kv else out

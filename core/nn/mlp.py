@@ -7,17 +7,26 @@ from flax import linen as nn
 from flax.typing import Dtype
 
 
+ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=True), "relu": nn.relu}
+
+
 class Mlp(nn.Module):
-  """Dense -> GELU (tanh approximation, as DiT) -> Dense: [..., D] -> [..., out_features or D]."""
+  """Dense -> activation -> Dense: [..., D] -> [..., out_features or D].
+
+  activation: "gelu" (tanh approximation, as DiT) or "relu" (as the original transformer).
+  """
   hidden: int
   out_features: int | None = None
+  activation: str = "gelu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Mlp activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=True)
+    h = ACTIVATIONS[self.activation](dense(self.hidden, name="fc1")(x))
     return dense(self.out_features or x.shape[-1], name="fc2")(h)
 
 

@@ -1,0 +1,157 @@
+"""relay_jax.model (the relay channel, SUBS logits, KV prefix) and relay_jax.objectives (MDLM
+masking and weights against closed forms, buffer refill, which gradients cross relay edges)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from relay_jax import objectives
+from relay_jax.model import RelayTransformer
+
+MASK = 0
+
+
+def _model(**kw):
+  kw = {"vocab_size": 10, "mask_id": MASK, "width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
+        **kw}
+  return RelayTransformer(**kw)
+
+
+def _tokens(key, b=3, length=20, p_mask=0.5):
+  k1, k2 = jax.random.split(key)
+  x = jax.random.randint(k1, (b, length), 1, 10)
+  return jnp.where(jax.random.uniform(k2, (b, length)) < p_mask, MASK, x)
+
+
+def test_relay_channel_variants():
+  key = jax.random.key(np.random.default_rng().integers(1 << 30))
+  x = _tokens(key)
+  h = jax.random.normal(jax.random.fold_in(key, 1), x.shape + (32,))
+  h2 = h + jax.random.normal(jax.random.fold_in(key, 2), h.shape)
+  # Zero-initialised scale: an exact no-op at initialisation.
+  m = _model(relay_zero_init=True)
+  p = m.init(key, x)["params"]
+  np.testing.assert_array_equal(m.apply({"params": p}, x, h)[0], m.apply({"params": p}, x, None)[0])
+  # Default init: h matters; "masked" ignores h at revealed positions only.
+  m = _model(relay_positions="masked")
+  p = m.init(key, x)["params"]
+  logits_h = m.apply({"params": p}, x, h)[0]
+  assert np.abs(np.asarray(logits_h - m.apply({"params": p}, x, None)[0]))[..., 1:].max() > 1e-3
+  h_revealed_changed = jnp.where((x == MASK)[..., None], h, h2)
+  np.testing.assert_allclose(m.apply({"params": p}, x, h_revealed_changed)[0], logits_h, atol=1e-6)
+  h_masked_changed = jnp.where((x == MASK)[..., None], h2, h)
+  assert np.abs(np.asarray(m.apply({"params": p}, x, h_masked_changed)[0] - logits_h))[..., 1:].max() > 1e-3
+  assert np.isneginf(np.asarray(logits_h[..., MASK])).all()     # SUBS: MASK is never predicted
+  # Without the channel there is no relay parameter and h is ignored.
+  m = _model(relay=False)
+  p = m.init(key, x)["params"]
+  assert "relay_norm" not in p
+  np.testing.assert_array_equal(m.apply({"params": p}, x, h)[0], m.apply({"params": p}, x, None)[0])
+
+
+def test_relayed_layer_is_configurable():
+  key = jax.random.key(3)
+  x = _tokens(key)
+  p = _model().init(key, x)["params"]
+  h_last = _model(relay_layer=-1).apply({"params": p}, x)[1]
+  h_first = _model(relay_layer=0).apply({"params": p}, x)[1]
+  assert h_last.shape == h_first.shape == x.shape + (32,)
+  assert np.abs(np.asarray(h_last - h_first)).max() > 1e-3
+
+
+def test_kv_prefix_equals_attending_to_the_concatenation():
+  """Tokens attending to a cached prefix == the same tokens at the end of the full sequence when the
+  prefix cannot see them (block-causal mask)."""
+  key = jax.random.key(5)
+  m = _model(relay=False)
+  x = _tokens(key, length=24)
+  p = m.init(key, x)["params"]
+  n = jnp.arange(24)
+  block_causal = (n[None, :] < 16) | (n[:, None] >= 16)     # prefix 0..15 never sees 16..23
+  full = m.apply({"params": p}, x, mask=block_causal)[0]
+  _, _, cache = m.apply({"params": p}, x[:, :16], return_kv=True)
+  tail = m.apply({"params": p}, x[:, 16:], positions_L=n[16:], kv_cache=cache)[0]
+  np.testing.assert_allclose(tail, full[:, 16:], rtol=1e-5, atol=1e-5)
+
+
+def test_mdlm_mask_rate_and_loss_weight():
+  """P(masked | t) = t on maskable positions only; with uniform predictions over V' tokens the
+  1/t-weighted loss has expectation log V' (MDLM's ELBO of a uniform model)."""
+  k_maskable, k_mask, k_x0, k_loss = jax.random.split(
+      jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
+  b, length = 4096, 81
+  maskable = jax.random.uniform(k_maskable, (b, length)) < 0.6
+  t, masked = objectives.mdlm_mask(k_mask, maskable)
+  assert not (masked & ~maskable).any()
+  frac = masked.sum(1) / maskable.sum(1)
+  slope = np.polyfit(np.asarray(t), np.asarray(frac), 1)
+  np.testing.assert_allclose(slope, [1.0, 0.0], atol=0.02)
+  uniform = lambda params, x, h, k: (jnp.zeros(x.shape + (10,)).at[..., MASK].set(-jnp.inf), None)
+  x0 = jax.random.randint(k_x0, (b, length), 1, 10)
+  loss, _ = objectives.mlm_loss(uniform, None, x0, maskable, MASK, k_loss)
+  np.testing.assert_allclose(float(loss), np.log(9.0), rtol=0.03)
+
+
+def test_refill_replaces_only_finished_rows():
+  rng = np.random.default_rng()
+  buf = objectives.init_buffer(4, 6, 3)
+  x0 = jnp.asarray(rng.integers(1, 10, size=(4, 6)))
+  maskable = jnp.asarray(rng.uniform(size=(4, 6)) < 0.5).at[:, 0].set(True)
+  first = objectives.refill(buf, x0, maskable, MASK)          # an empty buffer: every row refilled
+  np.testing.assert_array_equal(first["x"], jnp.where(maskable, MASK, x0))
+  state = {**first, "h": jnp.ones((4, 6, 3))}
+  state["x"] = state["x"].at[1].set(x0[1]).at[3].set(x0[3])   # rows 1 and 3 finished
+  x0_new = jnp.asarray(rng.integers(1, 10, size=(4, 6)))
+  maskable_new = jnp.asarray(rng.uniform(size=(4, 6)) < 0.5).at[:, 0].set(True)
+  out = objectives.refill(state, x0_new, maskable_new, MASK)
+  for i in (0, 2):   # unfinished: kept, h included
+    np.testing.assert_array_equal(out["x"][i], state["x"][i])
+    np.testing.assert_array_equal(out["h"][i], 1.0)
+  for i in (1, 3):   # finished: fresh example, every maskable cell masked, h = 0
+    np.testing.assert_array_equal(out["x"][i], jnp.where(maskable_new[i], MASK, x0_new[i]))
+    np.testing.assert_array_equal(out["target"][i], x0_new[i])
+    np.testing.assert_array_equal(out["h"][i], 0.0)
+
+
+def _probed_apply():
+  """A small model whose round-k relayed state gets `probes[k]` added: d loss / d probes[k] is the
+  gradient that crosses the relay edge out of round k."""
+  rng = np.random.default_rng(0)
+  emb = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
+  calls = []
+
+  def apply(params, x, h, key):
+    k = len(calls)
+    calls.append(k)
+    feats = emb[x] * params["scale"] + (0.0 if h is None else jnp.tanh(h))
+    feats = feats + feats.mean(axis=1, keepdims=True)
+    logits = (feats @ params["out"]).at[..., MASK].set(-jnp.inf)
+    return logits, feats + params["probes"][k]
+  params = {"scale": jnp.float32(1.0), "out": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
+            "probes": jnp.zeros((3, 1, 1, 8))}
+  return apply, params, calls
+
+
+@pytest.mark.parametrize("objective", ["relay", "relay_sg", "rollout"])
+def test_gradients_cross_at_most_one_relay_edge(objective):
+  apply, params, calls = _probed_apply()
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.integers(1, 10, size=(4, 12)))
+  maskable = jnp.asarray(rng.uniform(size=(4, 12)) < 0.8).at[:, 0].set(True)
+  buf = objectives.init_buffer(4, 12, 8)
+
+  def loss(p):
+    calls.clear()
+    total, _, new = objectives.rollout_loss(apply, p, buf, x0, maskable, objective=objective,
+                                            mask_id=MASK, rounds=2, tau=0.3, tau_std=0.0,
+                                            key=jax.random.key(0))
+    return total, new
+  grads, new = jax.grad(loss, has_aux=True)(params)
+  g_round1, g_round2 = (float(jnp.abs(grads["probes"][k]).sum()) for k in (0, 1))
+  # Round 1's state reaches round 2's loss only through the relay edge, and only with "relay".
+  assert (g_round1 > 1e-6) == (objective == "relay"), g_round1
+  assert g_round2 == 0.0          # the last round's state goes to the buffer, detached
+  # The buffer's state is detached: nothing differentiates through it into the next step.
+  d_buffer = jax.grad(lambda p: loss(p)[1]["h"].sum())(params)
+  assert all(float(jnp.abs(g).sum()) == 0.0 for g in jax.tree.leaves(d_buffer))
+  assert float(jnp.abs(grads["scale"])) > 0.0
