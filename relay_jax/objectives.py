@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from relay_jax import unmask
 
 OBJECTIVES = ("mlm", "rollout", "relay", "relay_sg")
-# apply(params, tokens_BxL, h_BxLxD or None, key or None) -> (logits_BxLxV, h_BxLxD); key None = no dropout.
+# apply(params, tokens_BxL, h_BxLxD or None, key or None, clean_BxL or None) -> (logits_BxLxV, h_BxLxD).
+# key None = no dropout. clean_BxL is the example's clean sequence, which a block-diffusion model sees as
+# context (the x0 half of its [x_t ; x0] input); other models ignore it.
 Apply = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -35,24 +37,28 @@ def token_cross_entropy(logits_BxLxV: jax.Array, target_BxL: jax.Array) -> jax.A
   return -jnp.take_along_axis(logp, target_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def mdlm_mask(key: jax.Array, maskable_BxL: jax.Array, t_min: float = 1e-3):
-  """(t [B] ~ U(t_min, 1), masked [B, L]): each maskable position masked with probability t."""
+def mdlm_mask(key: jax.Array, maskable_BxL: jax.Array, t_min: float = 1e-3,
+              block_size: int | None = None):
+  """(t [B, L], masked [B, L]): each maskable position masked with probability t ~ U(t_min, 1), one t
+  per example, or per block of `block_size` positions (block diffusion, BD3-LM arXiv 2503.09573)."""
   k_t, k_m = jax.random.split(key)
-  b = maskable_BxL.shape[0]
-  t_B = jax.random.uniform(k_t, (b,), minval=t_min, maxval=1.0)
-  masked = (jax.random.uniform(k_m, maskable_BxL.shape) < t_B[:, None]) & maskable_BxL
-  return t_B, masked
+  b, length = maskable_BxL.shape
+  group = length if block_size is None else block_size
+  t_BxG = jax.random.uniform(k_t, (b, length // group), minval=t_min, maxval=1.0)
+  t_BxL = jnp.repeat(t_BxG, group, axis=1)
+  masked = (jax.random.uniform(k_m, maskable_BxL.shape) < t_BxL) & maskable_BxL
+  return t_BxL, masked
 
 
 def mlm_loss(apply: Apply, params, x0_BxL: jax.Array, maskable_BxL: jax.Array, mask_id: int,
-             key: jax.Array):
+             key: jax.Array, block_size: int | None = None):
   """MDLM's continuous-time loss: mean over examples of sum_masked CE / t / #maskable."""
   k_mask, k_drop = jax.random.split(key)
-  t_B, masked = mdlm_mask(k_mask, maskable_BxL)
+  t_BxL, masked = mdlm_mask(k_mask, maskable_BxL, block_size=block_size)
   x_t = jnp.where(masked, mask_id, x0_BxL)
-  logits, _ = apply(params, x_t, None, k_drop)
+  logits, _ = apply(params, x_t, None, k_drop, x0_BxL)
   ce = token_cross_entropy(logits, x0_BxL)
-  per_row = (ce * masked).sum(-1) / t_B / jnp.maximum(maskable_BxL.sum(-1), 1)
+  per_row = (ce * masked / t_BxL).sum(-1) / jnp.maximum(maskable_BxL.sum(-1), 1)
   accuracy = ((jnp.argmax(logits, -1) == x0_BxL) * masked).sum() / jnp.maximum(masked.sum(), 1)
   return per_row.mean(), {"masked_accuracy": accuracy}
 
@@ -96,7 +102,7 @@ def rollout_loss(apply: Apply, params, buffer: dict, x0_BxL: jax.Array, maskable
   total, metrics = 0.0, {}
   for k in range(rounds):
     k_drop, k_tau = jax.random.split(jax.random.fold_in(key, k))
-    logits, h_new = apply(params, x, None if objective == "rollout" else h, k_drop)
+    logits, h_new = apply(params, x, None if objective == "rollout" else h, k_drop, target)
     masked = x == mask_id
     ce = token_cross_entropy(logits, target)
     n_masked = jnp.maximum(masked.sum(), 1)

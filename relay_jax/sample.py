@@ -21,7 +21,7 @@ def unmask_loop(apply: Callable, params, x_BxL: jax.Array, *, mask_id: int, widt
   """Runs rounds until every row is done or `max_rounds` is reached.
 
   Args:
-    apply: (params, tokens_BxL, h_BxLxD or None, key) -> (logits_BxLxV, h_BxLxD); key is None.
+    apply: `relay_jax.objectives.Apply`, called with key None and clean None.
     x_BxL: start tokens (mask_id where unknown).
     width: D, the relayed state's width.
     tau: the rule's parameter (scalar or [B]).
@@ -37,7 +37,7 @@ def unmask_loop(apply: Callable, params, x_BxL: jax.Array, *, mask_id: int, widt
 
   def round_fn(state):
     x, h, nfe, r = state
-    logits, h_new = apply(params, x, h if use_relay else None, None)
+    logits, h_new = apply(params, x, h if use_relay else None, None, None)
     masked = x == mask_id
     active_B = masked.any(-1)
     conf, pred = unmask.confidence(logits)

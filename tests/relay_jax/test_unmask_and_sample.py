@@ -62,7 +62,7 @@ def _toy_apply(vocab=10, width=8, seed=0):
   emb = jnp.asarray(rng.normal(size=(vocab, width)), jnp.float32)
   out = jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32)
 
-  def apply(params, x, h, key):
+  def apply(params, x, h, key, clean):
     feats = emb[x] + (0.0 if h is None else 0.5 * jnp.tanh(h))
     feats = feats + feats.mean(axis=1, keepdims=True)   # mixes positions, like attention
     logits = (feats @ out) * params
@@ -78,7 +78,7 @@ def unmask_loop_python(apply, params, x, *, tau, width, max_rounds, use_relay):
     masked = x == 0
     if not masked.any():
       break
-    logits, h_new = apply(params, jnp.asarray(x), jnp.asarray(h) if use_relay else None, None)
+    logits, h_new = apply(params, jnp.asarray(x), jnp.asarray(h) if use_relay else None, None, None)
     conf, pred = (np.asarray(a) for a in unmask.confidence(logits))
     reveal = masked if r == max_rounds - 1 else np.asarray(
         unmask.select_cumulative(jnp.asarray(conf), jnp.asarray(masked), tau))
