@@ -71,8 +71,9 @@ def _uncached_mask(block: jax.Array, num_blocks: int, block_size: int) -> jax.Ar
 
 def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: int, *, tau: float,
                   use_relay: bool, reset_relay: bool = True, cache: bool = True,
-                  context_BxL: jax.Array | None = None, max_rounds: int | None = None):
-  """Generates num_blocks blocks left to right with the threshold rule.
+                  context_BxL: jax.Array | None = None, prompt_blocks: int = 0,
+                  teacher_forced: bool = False, max_rounds: int | None = None):
+  """Generates blocks left to right with the threshold rule.
 
   Args:
     model: a `RelayTransformer` (its mask_id is the MASK token). params: its parameters.
@@ -80,13 +81,19 @@ def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: i
     use_relay: carry h between rounds. reset_relay: h = 0 at each new block (else the previous
       block's last h, position by position).
     cache: use the KV cache (else recompute the clean prefix every round).
-    context_BxL: ground-truth tokens to put in the context after each block instead of the generated
-      ones (teacher-forced evaluation: each block is generated given the true earlier blocks).
+    context_BxL: known tokens: the prompt, and the ground truth for teacher-forced evaluation.
+    prompt_blocks: the first blocks are the prompt, copied from context_BxL, not generated. Without a
+      prompt every position of the first block sees the same all-MASK input, so the first round's
+      predictions are the same at every position.
+    teacher_forced: after each block, put the true block (from context_BxL) in the context instead
+      of the generated one: each block is then generated given the true earlier blocks.
     max_rounds: rounds per block before everything left is revealed (default block_size).
   Returns:
-    (tokens [B, L] the generated blocks, nfe int32 [B]: denoising rounds summed over blocks; the
-    one cache-filling pass per block is not counted).
+    (tokens [B, L]: the prompt and the generated blocks, nfe int32 [B]: denoising rounds summed over
+    the generated blocks; the one cache-filling pass per block is not counted).
   """
+  if (prompt_blocks or teacher_forced) and context_BxL is None:
+    raise ValueError("prompt_blocks and teacher_forced need context_BxL")
   max_rounds = max_rounds or block_size
   mask_id = model.mask_id
   length = num_blocks * block_size
@@ -100,7 +107,7 @@ def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: i
       logits, h_new = run(x, h if use_relay else None, positions_L=positions,
                           mask=_prefix_mask(block, block_size, length), kv_cache=kv)
     else:
-      prefix = tokens if context_BxL is None else context_BxL
+      prefix = context_BxL if teacher_forced else tokens
       seq = jnp.concatenate([prefix, x], axis=1)
       h_seq = (jnp.concatenate([jnp.zeros((batch_size, length, model.width)), h], 1) if use_relay
                else None)
@@ -117,16 +124,19 @@ def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: i
 
   def block_step(block, carry):
     tokens, h_prev, nfe, kv = carry
+    start = block * block_size
     h0 = jnp.zeros_like(h_prev) if reset_relay else h_prev
     x0 = jnp.full((batch_size, block_size), mask_id, jnp.int32)
+    if prompt_blocks:   # a prompt block starts (and so stays) complete
+      known = jax.lax.dynamic_slice(context_BxL, (0, start), (batch_size, block_size))
+      x0 = jnp.where(block < prompt_blocks, known.astype(jnp.int32), x0)
     x, h, nfe, _ = jax.lax.while_loop(
         lambda s: (s[3] < max_rounds) & (s[0] == mask_id).any(),
         lambda s: denoise_round(s, block, tokens, kv), (x0, h0, nfe, jnp.zeros((), jnp.int32)))
-    start = block * block_size
     tokens = jax.lax.dynamic_update_slice(tokens, x, (0, start))
     if cache:   # one pass over the finished block (clean, h = 0) fills its slot of the cache
-      keep = x if context_BxL is None else jax.lax.dynamic_slice(context_BxL, (0, start),
-                                                                 (batch_size, block_size))
+      keep = (jax.lax.dynamic_slice(context_BxL, (0, start), (batch_size, block_size))
+              if teacher_forced else x)
       _, _, own = run(keep, None, positions_L=start + jnp.arange(block_size),
                       mask=_prefix_mask(block, block_size, length), kv_cache=kv, return_kv=True)
       kv = [tuple(jax.lax.dynamic_update_slice(c, o, (0, start, 0, 0)) for c, o in zip(layer, new))

@@ -93,7 +93,8 @@ class RelayTransformer(nn.Module):
       return_kv: also return each block's (k, v) of these tokens.
       deterministic: False applies dropout (needs a "dropout" rng).
     Returns:
-      (logits_BxLxV float32 with -inf at mask_id, h_BxLxD the state to relay[, kv per block]).
+      (logits_BxLxV in float32 (or wider) with -inf at mask_id, h_BxLxD the state to relay[, kv
+      per block]).
     """
     if self.relay_positions not in RELAY_POSITIONS:
       raise ValueError(f"relay_positions must be one of {RELAY_POSITIONS}, got {self.relay_positions!r}")
@@ -128,5 +129,6 @@ class RelayTransformer(nn.Module):
       logits = embed.attend(y_BxLxD)
     else:
       logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="out")(y_BxLxD)
-    logits = logits.astype(jnp.float32).at[..., self.mask_id].set(-jnp.inf)
+    # float32 at least (float64 models stay float64: the KV-cache test relies on it).
+    logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32)).at[..., self.mask_id].set(-jnp.inf)
     return (logits, relayed, kvs) if return_kv else (logits, relayed)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 def confidence(logits_BxLxV: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(max softmax probability [B, L], argmax token [B, L]) of each position."""
-  probs = jax.nn.softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  probs = jax.nn.softmax(logits_BxLxV.astype(jnp.promote_types(logits_BxLxV.dtype, jnp.float32)), -1)
   return probs.max(axis=-1), jnp.argmax(logits_BxLxV, axis=-1)
 
 

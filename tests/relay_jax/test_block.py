@@ -48,7 +48,7 @@ def test_noisy_block_sees_only_earlier_clean_blocks():
 @pytest.mark.parametrize("use_relay", [False, True])
 @pytest.mark.parametrize("teacher_forced", [False, True])
 def test_kv_cache_is_exact(use_relay, teacher_forced):
-  """Cached and uncached sampling give the same tokens and NFE.
+  """Cached and uncached sampling give the same tokens and NFE, after a one-block prompt.
 
   The model runs in float64: a random model's confidences over an all-MASK block differ only slightly
   from position to position, and float32 rounding differences between two equally exact computations
@@ -60,12 +60,12 @@ def test_kv_cache_is_exact(use_relay, teacher_forced):
     x0 = jax.random.randint(key, (3, NB * BS), 0, 256)
     params = m.init(key, jnp.concatenate([x0, x0], 1))["params"]
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-    context = x0 if teacher_forced else None
     run = lambda cache: jax.jit(lambda p: block.sample_blocks(
-        m, p, 3, NB, BS, tau=0.02, use_relay=use_relay, cache=cache, context_BxL=context,
-        max_rounds=3))(params)
+        m, p, 3, NB, BS, tau=0.02, use_relay=use_relay, cache=cache, context_BxL=x0,
+        prompt_blocks=1, teacher_forced=teacher_forced, max_rounds=3))(params)
     (tok_c, nfe_c), (tok_u, nfe_u) = run(True), run(False)
   np.testing.assert_array_equal(np.asarray(tok_c), np.asarray(tok_u))
   np.testing.assert_array_equal(np.asarray(nfe_c), np.asarray(nfe_u))
   assert (np.asarray(tok_c) != MASK).all()
-  assert (np.asarray(nfe_c) == 3 * NB).all()            # every block ran all its rounds
+  np.testing.assert_array_equal(np.asarray(tok_c)[:, :BS], np.asarray(x0)[:, :BS])   # the prompt
+  assert (np.asarray(nfe_c) == 3 * (NB - 1)).all()      # every generated block ran all its rounds
