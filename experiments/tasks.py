@@ -1,2 +1,3 @@
 """Imports every module that registers a task in `core.registry` (add new method tasks here)."""
 from core import flow_task  # noqa: F401
+from relay_jax import task as relay_task  # noqa: F401

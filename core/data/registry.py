@@ -21,6 +21,22 @@ BUILDERS: dict[str, type[tfds_util.Builder]] = {
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def register_builder(name: str, builder_cls: type[tfds_util.Builder]) -> None:
+  """Adds `builder_cls` to `BUILDERS` as `name`, so `load(name, ...)` finds it.
+
+  Method packages call this when imported, so core never imports them.
+  Registering the same class again is a no-op.
+  """
+  if BUILDERS.get(name, builder_cls) is not builder_cls:
+    raise ValueError(f'dataset {name!r} is already registered as '
+                     f'{BUILDERS[name].__name__}')
+  if builder_cls.name != name:
+    # `load` reads the dataset back through tfds under `builder_cls.name`.
+    raise ValueError(f'{builder_cls.__name__} is named {builder_cls.name!r} '
+                     f'by tfds, not {name!r}')
+  BUILDERS[name] = builder_cls
+
+
 def default_data_dir() -> str:
   """`$TFDS_DATA_DIR` if set, else `<repo root>/.cache/tfds` (git-ignored)."""
   return os.environ.get('TFDS_DATA_DIR') or str(_REPO_ROOT / '.cache' / 'tfds')

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow_task, metrics, train, writers
+from experiments.training import train_timed
 from core.data import two_d
 from experiments.configs import _base, flow_2d, flow_images
 
@@ -65,38 +66,6 @@ def ring_fraction(x_Nx2: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Training and sampling
-
-
-def train_timed(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) `config` in `workdir`; returns steps, batch, EMA decay, eval loss and seconds.
-
-  The wall-clock seconds of every call that trained are summed in `workdir/train_seconds.json`, so a
-  finished run that is reused still reports its time; `timed_steps` says how many steps they cover.
-  """
-  path = os.path.join(workdir, "train_seconds.json")
-  record = {"seconds": 0.0, "timed_steps": 0}
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-  ckpt = train.Checkpointer(workdir, keep=1_000_000)
-  start = ckpt.latest_step() or 0
-  ckpt.close()
-  t0 = time.perf_counter()
-  end = train.train(config, workdir)
-  if end > start:
-    record = {"seconds": record["seconds"] + time.perf_counter() - t0,
-              "timed_steps": record["timed_steps"] + end - start}
-    with open(path, "w") as f:
-      json.dump(record, f)
-  eval_losses = [row["eval/loss"] for row in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-                 if "eval/loss" in row]
-  return {"steps": end, "batch": int(config.train.global_batch_size),
-          "ema_decay": float(config.optim.ema_decay), "final_eval_loss": eval_losses[-1], **record}
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 def sampler_at(config: ml_collections.ConfigDict, steps: int, cfg_scale: float = 1.0):
@@ -177,7 +146,7 @@ def _trained_table(result: dict) -> list[str]:
       seconds += f" ({t['timed_steps']} steps timed)"
     lines.append(f"| {name} | `{spec}:{result['preset']}` | {model['network']} | {model['params']:,} | "
                  f"{t['steps']} | {t['batch']} | {t['ema_decay']:g} | {seconds} "
-                 f"| {t['final_eval_loss']:.4f} |")
+                 f"| {t['final_eval']['eval/loss']:.4f} |")
   return lines
 
 

@@ -43,11 +43,12 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path):
   last = max(r["step"] for r in rows)
   assert last == config["train"]["num_steps"]
   assert all(np.isfinite(v) for r in rows for v in r.values())
-  assert any("eval/loss" in r for r in rows)
+  assert any(k.startswith("eval/") for r in rows for k in r)
   assert os.listdir(tmp_path / "tensorboard")
   assert str(last) in os.listdir(tmp_path / "checkpoints")
-  pngs = [f for f in os.listdir(tmp_path / "samples") if f.endswith(".png")]
-  assert f"step_{last:07d}.png" in pngs
+  if config["task"] == "flow_matching":          # the task with a sample hook writes image grids
+    pngs = [f for f in os.listdir(tmp_path / "samples") if f.endswith(".png")]
+    assert f"step_{last:07d}.png" in pngs
   again = _run(spec, tmp_path)                       # a finished run says so and exits 0
   assert again.returncode == 0 and "already finished" in again.stdout
 

@@ -85,6 +85,7 @@ def test_two_processes_racing_to_build_both_succeed(tmp_path, data_dir):
 
 
 def test_builders_are_all_registered():
-  assert set(registry.BUILDERS) == {'image_crops', 'digits', 'two_d'}
+  # Method packages register more (sudoku, stdlib_bytes) when they are imported.
+  assert {'image_crops', 'digits', 'two_d'} <= set(registry.BUILDERS)
   for name, cls in registry.BUILDERS.items():
     assert cls.name == name
