@@ -101,7 +101,10 @@ class RelayTransformer(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     relay_layer = self.relay_layer % self.depth
-    embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+    # N(0, 1) embeddings (PyTorch's default, which the authors' code uses): the token embedding and
+    # LayerNorm(h), which has unit scale, then enter the first block on the same scale. With GPT-2's
+    # N(0, 0.02) the relayed state would drown the tokens 50 to 1.
+    embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(1.0),
                      dtype=self.dtype, name="embed")
     x_BxLxD = embed(tokens_BxL)
     if self.relay:
@@ -125,8 +128,8 @@ class RelayTransformer(nn.Module):
       if i == relay_layer:
         relayed = x_BxLxD
     y_BxLxD = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="final_norm")(x_BxLxD)
-    if self.tie_embeddings:
-      logits = embed.attend(y_BxLxD)
+    if self.tie_embeddings:   # / sqrt(D): unit-scale features against N(0, 1) rows start at N(0, 1)
+      logits = embed.attend(y_BxLxD) / jnp.sqrt(self.width).astype(y_BxLxD.dtype)
     else:
       logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="out")(y_BxLxD)
     # float32 at least (float64 models stay float64: the KV-cache test relies on it).

@@ -1,4 +1,4 @@
-"""Table scripts: the flow table end to end at the smoke preset, and its distances on known answers."""
+"""Table scripts end to end at the smoke preset (flow, relay), and their helpers on known answers."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from experiments.tables import flow
+from experiments.tables import flow, relay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,13 +19,19 @@ def _numbers(tree):
   return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_flow_table_smoke_writes_finite_results(tmp_path):
+def _run_table(name, tmp_path):
+  """Runs experiments.tables.<name> at the smoke preset; returns its output folder."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "out"
-  r = subprocess.run([sys.executable, "-m", "experiments.tables.flow", "--preset", "smoke",
+  r = subprocess.run([sys.executable, "-m", f"experiments.tables.{name}", "--preset", "smoke",
                       "--runs", str(tmp_path / "runs"), "--out", str(out)],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  return out
+
+
+def test_flow_table_smoke_writes_finite_results(tmp_path):
+  out = _run_table("flow", tmp_path)
   for name in ("flow.md", "flow.json", "flow_2d_samples.png", "flow_digits_samples.png"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "flow.json").read_text())
@@ -52,3 +58,23 @@ def test_ring_fraction_and_class_diversity():
   images[1] += 1.0      # class 0: distance 2 (four pixels differ by 1)
   images[3] += 3.0      # class 1: distance 6
   np.testing.assert_allclose(flow.class_diversity(images, np.array([0, 0, 1, 1])), 4.0)
+
+
+def test_relay_table_smoke_writes_finite_results(tmp_path):
+  out = _run_table("relay", tmp_path)
+  for name in ("relay.md", "relay.json", "relay_sudoku_tau.png", "relay_code_tau.png"):
+    assert (out / name).stat().st_size > 0, name
+  result = json.loads((out / "relay.json").read_text())
+  assert np.all(np.isfinite([x for x in _numbers(result["sudoku"]) + _numbers(result["code"])]))
+  for objective in relay.SUDOKU_OBJECTIVES:
+    sweep = result["sudoku"][objective]["sweep"]
+    assert [row["tau"] for row in sweep] == list(relay.SUDOKU_TAUS)
+    assert all(1 <= row["nfe"] <= 8 and 0 <= row["exact_match"] <= 1 for row in sweep)
+
+
+def test_nfe_at_accuracy_interpolates_along_the_sweep():
+  curve = [{"nfe": 10.0, "acc": 0.2}, {"nfe": 30.0, "acc": 0.6}, {"nfe": 20.0, "acc": 0.5}]
+  assert relay.nfe_at_accuracy(curve, 0.2, "acc") == 10.0
+  np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.35, "acc"), 15.0)
+  np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.55, "acc"), 25.0)
+  assert relay.nfe_at_accuracy(curve, 0.7, "acc") is None

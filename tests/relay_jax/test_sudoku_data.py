@@ -24,7 +24,7 @@ def _rng():
 
 def test_registered_under_its_tfds_name():
   assert registry.BUILDERS["sudoku"] is sudoku_data.Sudoku
-  assert core.data.config_names("sudoku") == ["small", "graded", "tiny"]
+  assert core.data.config_names("sudoku") == ["small", "graded", "large", "tiny"]
   registry.register_builder("sudoku", sudoku_data.Sudoku)  # Again: a no-op.
   with pytest.raises(ValueError, match="already registered as Sudoku"):
     registry.register_builder("sudoku", registry.BUILDERS["digits"])

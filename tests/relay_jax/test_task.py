@@ -6,7 +6,7 @@ import pytest
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import data, sharding, train
 from experiments.configs import relay_sudoku
-from relay_jax import solve, sudoku
+from relay_jax import solve, sudoku, task as relay_task
 
 
 def _config(objective):
@@ -75,3 +75,14 @@ def test_solve_cli_good_and_bad_lines(trained, tmp_path, capsys):
         np.array([int(c) for c in line.split("\t")[1]])
     assert (grid[puzzle != 0] == puzzle[puzzle != 0]).all()      # clues kept
     assert (grid != 0).all() and 1 <= int(line.split("\t")[2]) <= 8   # complete, NFE within the cap
+
+
+def test_paper_preset_is_the_published_sudoku_model():
+  """d=384, 4 layers, 6 heads, FFN 1536: ~7.1M parameters (the paper's Sudoku model)."""
+  config = relay_sudoku.get_config("paper")
+  model = relay_task.build_model(config, relay_task.SUDOKU_VOCAB, relay_task.SUDOKU_MASK)
+  shapes = jax.eval_shape(lambda k: model.init(k, jax.numpy.zeros((1, 81), jax.numpy.int32)),
+                          jax.random.PRNGKey(0))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert 7.0e6 < count < 7.2e6, count
+  assert config.train.global_batch_size == 512 and config.optim.lr == 5e-4
