@@ -61,11 +61,11 @@ def test_kv_cache_is_exact(use_relay, teacher_forced):
     params = m.init(key, jnp.concatenate([x0, x0], 1))["params"]
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     run = lambda cache: jax.jit(lambda p: block.sample_blocks(
-        m, p, 3, NB, BS, tau=0.02, use_relay=use_relay, cache=cache, context_BxL=x0,
+        m, p, 3, NB, BS, tau=0.999, use_relay=use_relay, cache=cache, context_BxL=x0,
         prompt_blocks=1, teacher_forced=teacher_forced, max_rounds=3))(params)
     (tok_c, nfe_c), (tok_u, nfe_u) = run(True), run(False)
   np.testing.assert_array_equal(np.asarray(tok_c), np.asarray(tok_u))
   np.testing.assert_array_equal(np.asarray(nfe_c), np.asarray(nfe_u))
   assert (np.asarray(tok_c) != MASK).all()
   np.testing.assert_array_equal(np.asarray(tok_c)[:, :BS], np.asarray(x0)[:, :BS])   # the prompt
-  assert (np.asarray(nfe_c) == 3 * (NB - 1)).all()      # every generated block ran all its rounds
+  assert (np.asarray(nfe_c) > NB - 1).all()             # some block took more than one round
