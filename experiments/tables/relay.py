@@ -50,14 +50,20 @@ def nfe_at_accuracy(curve: list[dict], accuracy: float, key: str) -> float | Non
   return pts[-1][0] if pts and pts[-1][1] >= accuracy else None
 
 
+def trained(config_module, preset: str, objective: str, workdir: str):
+  """Trains (or reuses) the preset's run of `objective`; returns (timing, EMA params, config)."""
+  config = config_module.get_config(preset)
+  config.relay.objective = objective
+  timing = train_timed(config, workdir)
+  params, config, _ = train.restore_params(workdir)
+  return timing, params, config
+
+
 def sudoku_rows(preset: str, runs: str) -> dict:
   out = {}
   for objective in SUDOKU_OBJECTIVES:
-    config = relay_sudoku.get_config(preset)
-    config.relay.objective = objective
-    workdir = os.path.join(runs, f"relay_sudoku_{objective}")
-    timing = train_timed(config, workdir)
-    params, config, _ = train.restore_params(workdir)
+    timing, params, config = trained(relay_sudoku, preset, objective,
+                                     os.path.join(runs, f"relay_sudoku_{objective}"))
     test = data.load_in_memory("sudoku", "test", config=config.data.config).arrays
     size = int(config.relay.eval_size)
     solver = relay_task.make_solver(config)
@@ -73,11 +79,8 @@ def sudoku_rows(preset: str, runs: str) -> dict:
 def code_rows(preset: str, runs: str) -> dict:
   out = {}
   for objective in CODE_OBJECTIVES:
-    config = relay_code.get_config(preset)
-    config.relay.objective = objective
-    workdir = os.path.join(runs, f"relay_code_{objective}")
-    timing = train_timed(config, workdir)
-    params, config, _ = train.restore_params(workdir)
+    timing, params, config = trained(relay_code, preset, objective,
+                                     os.path.join(runs, f"relay_code_{objective}"))
     test = data.load_in_memory("stdlib_bytes", "test", config=f"l{config.data.seq_len}").arrays
     num_blocks, block_size = relay_task.code_shape(config)
     model = relay_task.build_model(config, relay_task.code_data.VOCAB_SIZE + 1,
