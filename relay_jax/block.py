@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from relay_jax import unmask
+from relay_jax import sample, unmask
 
 
 def training_mask(num_blocks: int, block_size: int) -> jax.Array:
@@ -100,8 +100,10 @@ def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: i
   heads, head_dim = model.num_heads, model.width // model.num_heads
   run = functools.partial(model.apply, {"params": params})
 
+  select = functools.partial(unmask.select_threshold, block_size=block_size)
+
   def denoise_round(state, block, tokens, kv):
-    x, h, nfe, r = state
+    x, h = state[:2]
     positions = block * block_size + jnp.arange(block_size)
     if cache:
       logits, h_new = run(x, h if use_relay else None, positions_L=positions,
@@ -114,13 +116,8 @@ def sample_blocks(model, params, batch_size: int, num_blocks: int, block_size: i
       logits, h_new = run(seq, h_seq, positions_L=jnp.concatenate([jnp.arange(length), positions]),
                           mask=_uncached_mask(block, num_blocks, block_size))
       logits, h_new = logits[:, length:], h_new[:, length:]
-    masked = x == mask_id
-    active = masked.any(-1)
-    conf, pred = unmask.confidence(logits)
-    reveal = jnp.where(r == max_rounds - 1, masked, unmask.select_threshold(conf, masked, tau))
-    x = jnp.where(reveal, pred, x).astype(x.dtype)
-    h = jnp.where(active[:, None, None], h_new.astype(h.dtype), h)
-    return x, h, nfe + active.astype(jnp.int32), r + 1
+    return sample.reveal_round(state, logits, h_new, mask_id=mask_id, select=select, tau=tau,
+                               max_rounds=max_rounds)
 
   def block_step(block, carry):
     tokens, h_prev, nfe, kv = carry

@@ -15,6 +15,28 @@ import jax.numpy as jnp
 from relay_jax import unmask
 
 
+def reveal_round(state, logits_BxLxV: jax.Array, h_new_BxLxD: jax.Array, *, mask_id: int,
+                 select: Callable, tau, max_rounds: int):
+  """The bookkeeping of one denoising round, given the model's output on state's tokens.
+
+  Args:
+    state: (x [B, L] tokens, h [B, L, D] relayed state, nfe int32 [B], r int32 [] rounds so far).
+    logits_BxLxV, h_new_BxLxD: the model's output on x.
+    select: (conf, masked, tau) -> boolean [B, L] cells to reveal.
+  Returns:
+    The next state: the selected masked cells take their argmax tokens (all of them at the last
+    allowed round), rows that were unfinished take h_new and count one more NFE.
+  """
+  x, h, nfe, r = state
+  masked = x == mask_id
+  active_B = masked.any(-1)
+  conf, pred = unmask.confidence(logits_BxLxV)
+  reveal = jnp.where(r == max_rounds - 1, masked, select(conf, masked, tau))
+  x = jnp.where(reveal, pred, x).astype(x.dtype)
+  h = jnp.where(active_B[:, None, None], h_new_BxLxD.astype(h.dtype), h)
+  return x, h, nfe + active_B.astype(jnp.int32), r + 1
+
+
 def unmask_loop(apply: Callable, params, x_BxL: jax.Array, *, mask_id: int, width: int, tau,
                 max_rounds: int = 64, use_relay: bool = True, select: Callable | None = None,
                 return_trajectory: bool = False):
@@ -36,15 +58,10 @@ def unmask_loop(apply: Callable, params, x_BxL: jax.Array, *, mask_id: int, widt
   b, length = x_BxL.shape
 
   def round_fn(state):
-    x, h, nfe, r = state
+    x, h = state[:2]
     logits, h_new = apply(params, x, h if use_relay else None, None, None)
-    masked = x == mask_id
-    active_B = masked.any(-1)
-    conf, pred = unmask.confidence(logits)
-    reveal = jnp.where(r == max_rounds - 1, masked, select(conf, masked, tau))
-    x = jnp.where(reveal, pred, x).astype(x.dtype)
-    h = jnp.where(active_B[:, None, None], h_new.astype(h.dtype), h)
-    return x, h, nfe + active_B.astype(jnp.int32), r + 1
+    return reveal_round(state, logits, h_new, mask_id=mask_id, select=select, tau=tau,
+                        max_rounds=max_rounds)
 
   state = (x_BxL.astype(jnp.int32), jnp.zeros((b, length, width), jnp.float32),
            jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32))

@@ -140,8 +140,9 @@ def code_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def code_token_accuracy(config, model, params, tokens_NxL, tau) -> dict[str, float]:
-  """Held-out token accuracy of blocks 1.. given the true earlier blocks (block 0 is the prompt),
-  and the mean denoising rounds (NFE) per generated block."""
+  """Held-out token accuracy and block exact match (all of a block's tokens right) of blocks 1..
+  given the true earlier blocks (block 0 is the prompt), and the mean denoising rounds (NFE) per
+  generated block."""
   num_blocks, block_size = code_shape(config)
   tokens = np.asarray(tokens_NxL, np.int32)
   chunk = min(int(config.relay.eval_batch), len(tokens))
@@ -155,7 +156,9 @@ def code_token_accuracy(config, model, params, tokens_NxL, tau) -> dict[str, flo
     out, f = run(params, jnp.asarray(tokens[i:i + chunk]), jnp.float32(tau))
     correct.append((np.asarray(out) == tokens[i:i + chunk])[:, block_size:])
     nfe.append(np.asarray(f))
-  return {"token_accuracy": float(np.mean(correct)),
+  correct = np.concatenate(correct)
+  blocks = correct.reshape(len(correct), num_blocks - 1, block_size)
+  return {"token_accuracy": float(correct.mean()), "block_exact_match": float(blocks.all(-1).mean()),
           "nfe_per_block": float(np.mean(nfe) / (num_blocks - 1))}
 
 

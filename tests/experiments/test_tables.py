@@ -70,6 +70,12 @@ def test_relay_table_smoke_writes_finite_results(tmp_path):
     sweep = result["sudoku"][objective]["sweep"]
     assert [row["tau"] for row in sweep] == list(relay.SUDOKU_TAUS)
     assert all(1 <= row["nfe"] <= 8 and 0 <= row["exact_match"] <= 1 for row in sweep)
+  for objective in relay.CODE_OBJECTIVES:
+    sweep = result["code"][objective]["sweep"]
+    assert [row["tau"] for row in sweep] == list(relay.CODE_TAUS)
+    # A block counts as exact only when all its tokens are right.
+    assert all(row["block_exact_match"] <= row["accuracy"] for row in sweep)
+    assert sweep[0]["tau"] == 0.0 and sweep[0]["nfe"] == 1.0   # every confidence > 0: one round
 
 
 def test_nfe_at_accuracy_interpolates_along_the_sweep():
