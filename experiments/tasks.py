@@ -1,3 +1,4 @@
 """Imports every module that registers a task in `core.registry` (add new method tasks here)."""
 from core import flow_task  # noqa: F401
 from relay_jax import task as relay_task  # noqa: F401
+from flowrl import task as flowrl_task  # noqa: F401

@@ -89,7 +89,8 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, c: jax.Array, *, hw: tuple[int, int] | None = None,
                rope: jax.Array | None = None, context_BxMxE: jax.Array | None = None,
-               context_mask: jax.Array | None = None) -> jax.Array:
+               context_mask: jax.Array | None = None,
+               modulated_input_only: bool = False) -> jax.Array:
     """Args:
       x_BxNxD: tokens.
       c: conditioning, [B, D] (adaln_zero) or [B, 6D] (adaln_single).
@@ -97,11 +98,10 @@ class DiTBlock(nn.Module):
       rope: rotary angles for self-attention (`rope_2d`), or None.
       context_BxMxE: cross-attention keys/values input.
       context_mask: boolean, broadcastable to [B, H, N, M]; True = attend.
+      modulated_input_only: return modulate(Norm(x), shift1, scale1) [B, N, D], the attention's
+        input, and compute nothing after it (TeaCache's signal, arXiv 2411.19108 Sec. 3.3).
     """
     _check_choice("mlp", self.mlp, MLPS)
-    if self.cross_attention != (context_BxMxE is not None):
-      raise ValueError(f"cross_attention={self.cross_attention} but context_BxMxE is "
-                       f"{'missing' if context_BxMxE is None else 'given'}")
     d = x_BxNxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     adaln = AdaLN(6, self.modulation, name="adaln", **kw)
@@ -111,6 +111,11 @@ class DiTBlock(nn.Module):
     norm = lambda name: make_norm(self.norm, affine=False, name=name, **kw)
 
     h = modulate(norm("norm1")(x_BxNxD), shift1, scale1)
+    if modulated_input_only:
+      return h
+    if self.cross_attention != (context_BxMxE is not None):
+      raise ValueError(f"cross_attention={self.cross_attention} but context_BxMxE is "
+                       f"{'missing' if context_BxMxE is None else 'given'}")
     x_BxNxD = x_BxNxD + gate1[:, None] * attn("attn")(h, rope=rope)
     if self.cross_attention:
       x_BxNxD = x_BxNxD + attn("cross_attn")(x_BxNxD, context_BxMxE, mask=context_mask)
@@ -129,20 +134,25 @@ class FinalLayer(nn.Module):
   """Norm -> modulate -> zero-initialised Dense: [B, N, D] -> [B, N, out_features].
 
   The zero Dense makes a fresh model predict exactly 0 (DiT Sec. 3.2). c is the [B, D] condition
-  embedding for both modulations.
+  embedding for both modulations. out_features may instead be given at call time (the DiT learns
+  its channel count from its input).
   """
-  out_features: int
+  out_features: int | None = None
   modulation: str = "adaln_zero"
   norm: str = "layer"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxNxD: jax.Array, c_BxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxNxD: jax.Array, c_BxD: jax.Array,
+               out_features: int | None = None) -> jax.Array:
+    out_features = out_features or self.out_features
+    if out_features is None:
+      raise ValueError("FinalLayer needs out_features, as an attribute or at call time")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shift, scale = AdaLN(2, self.modulation, name="adaln", **kw)(c_BxD, x_BxNxD.shape[-1])
     h = modulate(make_norm(self.norm, affine=False, name="norm", **kw)(x_BxNxD), shift, scale)
-    return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros, name="linear", **kw)(h)
+    return nn.Dense(out_features, kernel_init=nn.initializers.zeros, name="linear", **kw)(h)
 
 
 class DiT(nn.Module):
@@ -182,7 +192,58 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  # The pieces of __call__ are methods, for samplers that run them separately through
+  # `model.apply(variables, ..., method=...)` (TeaCache, flowrl/cache); submodules are therefore
+  # built in setup, under the same names (and parameter tree) as an inline definition would give.
+  def setup(self):
+    _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = nn.Dense(self.width, **kw)
+    self.cond = ConditionEmbedder(self.width, self.num_classes, **kw)
+    if self.modulation == "adaln_single":
+      self.t_block = nn.Dense(6 * self.width, **kw)
+    self.block = [DiTBlock(self.num_heads, mlp_ratio=self.mlp_ratio, mlp=self.mlp,
+                           modulation=self.modulation, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
+                           norm=self.norm, cross_attention=self.cross_attention, **kw)
+                  for _ in range(self.depth)]   # named block_0, block_1, ...
+    self.final = FinalLayer(modulation=self.modulation, norm=self.norm, **kw)
+
+  def embed(self, x_BxHxWxC: jax.Array, t_B: jax.Array,
+            y_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The input side: (tokens [B, N, D] with their position embedding, condition c [B, D])."""
+    p = self.patch_size
+    tokens = self.patch_embed(patchify(x_BxHxWxC, p))
+    if self.pos_embed == "sincos":
+      hgt, wid = x_BxHxWxC.shape[1] // p, x_BxHxWxC.shape[2] // p
+      tokens = tokens + sincos_2d(hgt, wid, self.width).astype(tokens.dtype)
+    return tokens, self.cond(t_B, y_B, batch=x_BxHxWxC.shape[0])
+
+  def _block_condition(self, c_BxD: jax.Array) -> jax.Array:
+    """What the blocks are modulated by: c [B, D], or the shared time MLP's [B, 6D] (adaln_single)."""
+    return self.t_block(nn.silu(c_BxD)) if self.modulation == "adaln_single" else c_BxD
+
+  def blocks(self, tokens_BxNxD: jax.Array, c_BxD: jax.Array, hw: tuple[int, int], *,
+             context_BxMxE: jax.Array | None = None,
+             context_mask: jax.Array | None = None) -> jax.Array:
+    """Every block on tokens of the (H / p, W / p) grid hw: [B, N, D] -> [B, N, D]."""
+    rope = rope_2d(*hw, self.width // self.num_heads) if self.pos_embed == "rope2d" else None
+    c_blocks = self._block_condition(c_BxD)
+    for block in self.block:
+      tokens_BxNxD = block(tokens_BxNxD, c_blocks, hw=hw, rope=rope, context_BxMxE=context_BxMxE,
+                           context_mask=context_mask)
+    return tokens_BxNxD
+
+  def first_block_input(self, tokens_BxNxD: jax.Array, c_BxD: jax.Array) -> jax.Array:
+    """block_0's timestep-modulated normalised input [B, N, D] (TeaCache, arXiv 2411.19108)."""
+    return self.block[0](tokens_BxNxD, self._block_condition(c_BxD), modulated_input_only=True)
+
+  def head(self, tokens_BxNxD: jax.Array, c_BxD: jax.Array,
+           shape: tuple[int, int, int]) -> jax.Array:
+    """The output side: tokens [B, N, D] -> velocity [B, H, W, C] for shape = (H, W, C)."""
+    hgt, wid, ch = shape
+    p = self.patch_size
+    return unpatchify(self.final(tokens_BxNxD, c_BxD, p * p * ch), p, hgt, wid, ch)
+
   def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None, *,
                context_BxMxE: jax.Array | None = None,
                context_mask: jax.Array | None = None) -> jax.Array:
@@ -195,29 +256,7 @@ class DiT(nn.Module):
     Returns:
       The velocity, [B, H, W, C] in x's dtype.
     """
-    _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
-    b, hgt, wid, ch = x_BxHxWxC.shape
-    p = self.patch_size
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = nn.Dense(self.width, name="patch_embed", **kw)(patchify(x_BxHxWxC, p))
-    hw = (hgt // p, wid // p)
-    rope = None
-    if self.pos_embed == "sincos":
-      tokens = tokens + sincos_2d(*hw, self.width).astype(tokens.dtype)
-    elif self.pos_embed == "rope2d":
-      rope = rope_2d(*hw, self.width // self.num_heads)
-
-    c_BxD = ConditionEmbedder(self.width, self.num_classes, name="cond", **kw)(t_B, y_B, batch=b)
-    c_blocks = c_BxD
-    if self.modulation == "adaln_single":
-      c_blocks = nn.Dense(6 * self.width, name="t_block", **kw)(nn.silu(c_BxD))
-    block_kw = dict(mlp_ratio=self.mlp_ratio, mlp=self.mlp, modulation=self.modulation,
-                    attn_impl=self.attn_impl, qk_norm=self.qk_norm, norm=self.norm,
-                    cross_attention=self.cross_attention, **kw)
-    for i in range(self.depth):
-      block = DiTBlock(self.num_heads, name=f"block_{i}", **block_kw)
-      tokens = block(tokens, c_blocks, hw=hw, rope=rope, context_BxMxE=context_BxMxE,
-                     context_mask=context_mask)
-    final = FinalLayer(p * p * ch, modulation=self.modulation, norm=self.norm, name="final", **kw)
-    out = final(tokens, c_BxD)
-    return unpatchify(out, p, hgt, wid, ch).astype(x_BxHxWxC.dtype)
+    hw = (x_BxHxWxC.shape[1] // self.patch_size, x_BxHxWxC.shape[2] // self.patch_size)
+    tokens, c_BxD = self.embed(x_BxHxWxC, t_B, y_B)
+    tokens = self.blocks(tokens, c_BxD, hw, context_BxMxE=context_BxMxE, context_mask=context_mask)
+    return self.head(tokens, c_BxD, x_BxHxWxC.shape[1:]).astype(x_BxHxWxC.dtype)

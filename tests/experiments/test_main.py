@@ -36,7 +36,11 @@ def _smoke_specs():
 
 @pytest.mark.parametrize("spec", list(_smoke_specs()))
 def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path):
-  r = _run(spec, tmp_path)
+  # GRPO configs fine-tune a base run; keep it in this test's folder, not in the repo's runs/.
+  overrides = ((f"--config.grpo.base_workdir={tmp_path / 'base_run'}",)
+               if cli.load_config_module(spec.split(":")[0]).get_config(spec.split(":")[1]).task
+               == "flow_grpo" else ())
+  r = _run(spec, tmp_path, *overrides)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   config = json.load(open(tmp_path / "config.json"))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -49,7 +53,7 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path):
   if config["task"] == "flow_matching":          # the task with a sample hook writes image grids
     pngs = [f for f in os.listdir(tmp_path / "samples") if f.endswith(".png")]
     assert f"step_{last:07d}.png" in pngs
-  again = _run(spec, tmp_path)                       # a finished run says so and exits 0
+  again = _run(spec, tmp_path, *overrides)           # a finished run says so and exits 0
   assert again.returncode == 0 and "already finished" in again.stdout
 
 

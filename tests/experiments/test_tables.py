@@ -1,4 +1,4 @@
-"""Table scripts end to end at the smoke preset (flow, relay), and their helpers on known answers."""
+"""Table scripts end to end at the smoke preset (flow, relay, precise), and their helpers on known answers."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from experiments.tables import flow, relay
+from experiments.tables import flow, precise, relay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,12 +19,12 @@ def _numbers(tree):
   return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def _run_table(name, tmp_path):
+def _run_table(name, tmp_path, *args):
   """Runs experiments.tables.<name> at the smoke preset; returns its output folder."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = tmp_path / "out"
   r = subprocess.run([sys.executable, "-m", f"experiments.tables.{name}", "--preset", "smoke",
-                      "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                      "--runs", str(tmp_path / "runs"), "--out", str(out), *args],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   return out
@@ -84,3 +84,30 @@ def test_nfe_at_accuracy_interpolates_along_the_sweep():
   np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.35, "acc"), 15.0)
   np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.55, "acc"), 25.0)
   assert relay.nfe_at_accuracy(curve, 0.7, "acc") is None
+
+
+def test_precise_table_smoke_writes_finite_results(tmp_path):
+  # The 2-D problem only: the digits GRPO config runs in test_main's smoke test.
+  out = _run_table("precise", tmp_path, "--problems", "2d")
+  for name in ("precise.md", "precise.json", "precise_curves.png"):
+    assert (out / name).stat().st_size > 0, name
+  result = json.loads((out / "precise.json").read_text())
+  rows = result["consistency"]["rows"]
+  assert {row["method"] for row in rows} == set(precise.CONSISTENCY_ETAS)
+  assert all(np.isfinite(row["energy"]) and row["energy"] >= 0 for row in rows)
+  assert list(result["rl"]) == ["2d"]
+  for problem in result["rl"]:
+    r = result["rl"][problem]
+    assert set(r["samplers"]) == set(precise.SAMPLERS)
+    for x in r["samplers"].values():
+      assert x["steps"][0] == 0 and len(x["steps"]) == len(x["reward_ode_mean"]) > 1
+      assert np.all(np.isfinite(x["reward_ode_mean"])) and np.all(np.diff(x["seconds_mean"]) >= 0)
+    # The best baseline reaches its own final mean reward, at or before its last evaluation.
+    assert r["samplers"][r["best_baseline"]]["to_target_steps"] <= r["samplers"][r["best_baseline"]]["steps"][-1]
+
+
+def test_first_reaching_interpolates_between_evaluations():
+  steps, secs = [0, 10, 20], [0.0, 5.0, 12.0]
+  assert precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.1) == (0.0, 0.0)
+  np.testing.assert_allclose(precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.7), (15.0, 8.5))
+  assert precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.95) == (None, None)

@@ -1,0 +1,112 @@
+"""Fits TeaCache's rescaling polynomial to a trained DiT (arXiv 2411.19108, Sec. 3.4), as TeaCache does
+per model:
+
+  python -m flowrl.cache.calibrate --workdir runs/tables/digits_cpu [--num-samples 64] [--out PATH]
+
+Along full Euler trajectories (the run's sample_steps, shift and CFG scale) it records, between
+consecutive steps and per sample, the relative L1 change of the first block's modulated input
+(TeaCache's signal) and of the model output (the velocity of every branch), and fits the output change
+as a polynomial of the input change (degree 4, as TeaCache). Writes `teacache_coefficients.json`
+(highest degree first, for `sampling.teacache`) into the workdir unless --out says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core import flow, flow_task, train
+from flowrl.cache import sampling
+
+DEGREE = 4
+FILENAME = "teacache_coefficients.json"
+
+
+def relative_changes(net: sampling.Network, x_T: jax.Array, num_steps: int, *,
+                     shift: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """(input change, output change), each [num_steps - 1, B], along the full Euler trajectory from x_T.
+
+  change = mean|a_i - a_{i-1}| / mean|a_{i-1}| over one sample's entries in every branch, for a the
+  signal (input) and the velocity [K, B, ...] (output) at steps i = 1 .. num_steps - 1.
+  """
+  batch = x_T.shape[0]
+
+  def by_sample(m, v_K):
+    """The signal [K * B, ...] (or [B, ...]) and the velocity [K, B, ...] as [B, everything]."""
+    m = m.reshape(-1, batch, int(np.prod(m.shape[1:]))).swapaxes(0, 1).reshape(batch, -1)
+    return m, v_K.swapaxes(0, 1).reshape(batch, -1)
+
+  change = lambda a, prev: jnp.abs(a - prev).mean(1) / jnp.abs(prev).mean(1)
+
+  def evaluate(x, t):
+    h, c = net.embed(x, jnp.full((batch,), t))
+    v_K = net.head(net.blocks(h, c), c)
+    return by_sample(net.signal(h, c).astype(jnp.float32), v_K.astype(jnp.float32)), v_K
+
+  def step(carry, ts):
+    x, (m_prev, v_prev) = carry
+    t, s = ts
+    (m, v), v_K = evaluate(x, t)
+    return (sampling.euler_step(net, x, t, s, v_K), (m, v)), (change(m, m_prev), change(v, v_prev))
+
+  grid = flow.time_grid(num_steps, shift=shift)
+  first, v_K = evaluate(x_T, grid[0])
+  x1 = sampling.euler_step(net, x_T, grid[0], grid[1], v_K)
+  _, (d_in, d_out) = jax.lax.scan(step, (x1, first), (grid[1:-1], grid[2:]))
+  return d_in, d_out
+
+
+def fit(d_in: np.ndarray, d_out: np.ndarray, degree: int = DEGREE) -> dict:
+  """The least-squares polynomial d_out ~ poly(d_in) and how well it fits."""
+  x, y = np.asarray(d_in, np.float64).ravel(), np.asarray(d_out, np.float64).ravel()
+  coefficients = np.polyfit(x, y, degree)
+  residual = y - np.polyval(coefficients, x)
+  return {"coefficients": coefficients.tolist(), "degree": degree, "points": int(x.size),
+          "rmse": float(np.sqrt(np.mean(residual ** 2))), "output_change_mean": float(y.mean()),
+          "input_change_range": [float(x.min()), float(x.max())]}
+
+
+def calibrate(model, params, x_T: jax.Array, *, y: jax.Array | None = None, num_steps: int = 50,
+              cfg_scale: float = 1.0, shift: float = 1.0, degree: int = DEGREE) -> dict:
+  """TeaCache's polynomial for a `core.nn.DiT`, from full trajectories of x_T [B, H, W, C] (labels y)."""
+  def changes(x, labels):
+    net = sampling.dit_network(model, params, x.shape[1:], y=labels, cfg_scale=cfg_scale)
+    return relative_changes(net, x, num_steps, shift=shift)
+
+  d_in, d_out = jax.jit(changes)(x_T, y)
+  return {**fit(np.asarray(d_in), np.asarray(d_out), degree), "num_samples": int(x_T.shape[0]),
+          "num_steps": num_steps, "cfg_scale": cfg_scale, "shift": shift}
+
+
+def calibrate_run(workdir: str, num_samples: int = 64, seed: int = 0) -> dict:
+  """calibrate() for the trained flow_images run in workdir, at its sampling settings (EMA params)."""
+  params, config, _ = train.restore_params(workdir)
+  model = flow_task.build_model(config)
+  shape = flow_task.example_shape(config)
+  x_T = jax.random.normal(jax.random.PRNGKey(seed), (num_samples, *shape))
+  num_classes = config.model.num_classes
+  y = jnp.arange(num_samples, dtype=jnp.int32) % num_classes if num_classes else None
+  return calibrate(model, params, x_T, y=y, num_steps=config.flow.sample_steps,
+                   cfg_scale=config.flow.cfg_scale, shift=config.flow.sample_shift)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a trained flow_images run")
+  parser.add_argument("--num-samples", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=None, help=f"the JSON path (default WORKDIR/{FILENAME})")
+  args = parser.parse_args(argv)
+  result = calibrate_run(args.workdir, args.num_samples, args.seed)
+  out = args.out or os.path.join(args.workdir, FILENAME)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {out}: coefficients {result['coefficients']} (rmse {result['rmse']:.4g})")
+
+
+if __name__ == "__main__":
+  main()

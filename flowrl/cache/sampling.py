@@ -1,0 +1,507 @@
+"""Training-free accelerated Euler sampling: one sampler, interchangeable caching policies.
+
+  x0, nfe_B = sample(model, params, x_T, 50, vde(stable_step=6, interval=3), y=y, cfg_scale=2.0)
+
+Policies (see each factory): `full`, `fewer_steps`, `vde` (arXiv 2605.23381, the released fixed
+schedule), `vde_adaptive` (ours), `teacache` (arXiv 2411.19108), `easycache` (arXiv 2507.02860) and
+`fora` (arXiv 2407.01425). Notation of `core/flow.py`: t = 1 is noise, the Euler step from t to s < t is
+x_s = x_t + (s - t) v.
+
+Skipping is real, so wall-clock savings are too:
+- static policies (full, fewer_steps, vde, fora) know their full steps before sampling; full and
+  fewer_steps are `flow.euler_sample`, vde and fora unroll the steps in Python at trace time, so a
+  skipped step holds no network call in the compiled program;
+- dynamic policies (vde_adaptive, teacache, easycache) decide while sampling: a `lax.scan` over the
+  steps whose network call sits in one branch of a `lax.cond`, which XLA executes alone on CPU and GPU.
+A batch shares one decision per step (the signals are means over the whole batch, as in the public
+code run with a batch); `sample(..., per_sample=True)` decides for each sample alone.
+
+With classifier-free guidance the model's K = 2 velocity branches (conditional, unconditional) are
+evaluated on one stacked batch and cached (and, for VDE, decomposed) separately; they are mixed as
+`flow.cfg_velocity` does only for the Euler step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core import flow
+from flowrl.cache import vde as vde_math
+
+
+class Network(NamedTuple):
+  """A velocity model cut where the caching policies need it. Branches are stacked: [K, B, ...].
+
+  embed: (x [B, ...], t [B]) -> (h, c), the cheap input side of every branch.
+  signal: (h, c) -> TeaCache's signal (the first block's modulated input).
+  blocks: (h, c) -> h, the expensive part: one call is one network function evaluation (NFE).
+  head: (h, c) -> v [K, B, ...], the output side.
+  combine: v [K, B, ...] -> v [B, ...], the velocity that is integrated.
+  """
+  embed: Callable[[jax.Array, jax.Array], tuple[Any, Any]]
+  signal: Callable[[Any, Any], jax.Array]
+  blocks: Callable[[Any, Any], Any]
+  head: Callable[[Any, Any], jax.Array]
+  combine: Callable[[jax.Array], jax.Array]
+
+
+def first_branch(v_KxB: jax.Array) -> jax.Array:
+  """combine for a single branch (no guidance)."""
+  return v_KxB[0]
+
+
+def guidance(scale) -> Callable[[jax.Array], jax.Array]:
+  """combine for [conditional, unconditional]: v_u + scale (v_c - v_u), as `flow.cfg_velocity`."""
+  # The same convex-style mix as flow.cfg_velocity, so scale 1 and 0 return v_c and v_u bit for bit.
+  return lambda v_2xB: scale * v_2xB[0] + (1 - scale) * v_2xB[1]
+
+
+def velocity_network(branches_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                     combine: Callable[[jax.Array], jax.Array] = first_branch) -> Network:
+  """A Network around a plain (x [B, ...], t [B]) -> v [K, B, ...] function.
+
+  It has no inside: the "blocks" are the whole function, TeaCache's signal is x itself and its
+  residual v - x (so teacache and fora still run, as input-level caches).
+  """
+  return Network(embed=lambda x, t: (x, t), signal=lambda h, c: h, blocks=branches_fn,
+                 head=lambda h, c: h, combine=combine)
+
+
+def dit_network(model, params, shape: tuple[int, int, int], *, y: jax.Array | None = None,
+                cfg_scale: float = 1.0) -> Network:
+  """The Network of a `core.nn.DiT` for inputs [B, *shape], conditioned as `core.flow_task.make_sampler`.
+
+  y: int labels [B] of a class-conditional model; with cfg_scale != 1 the null label model.num_classes
+  gives the unconditional branch (K = 2), otherwise K = 1.
+  """
+  variables = {"params": params}
+  apply = lambda method, *args: model.apply(variables, *args, method=method)
+  guided = bool(model.num_classes) and cfg_scale != 1.0
+  if model.num_classes and y is None:
+    raise ValueError("y (int labels [B]) is required by a class-conditional model")
+  hw = (shape[0] // model.patch_size, shape[1] // model.patch_size)
+  num_branches = 2 if guided else 1
+
+  def embed(x, t_B):
+    labels = y if model.num_classes else None
+    if guided:   # the batch [conditional; unconditional], as flow.cfg_velocity builds it
+      x, t_B = jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B])
+      labels = jnp.concatenate([y, jnp.full_like(y, model.num_classes)])
+    return apply("embed", x, t_B, labels)
+
+  def head(h, c):   # float32 velocities whatever the compute dtype, so cached ones match
+    v = apply("head", h, c, shape).astype(jnp.float32)
+    return v.reshape(num_branches, -1, *v.shape[1:])
+
+  return Network(embed=embed, signal=lambda h, c: apply("first_block_input", h, c),
+                 blocks=lambda h, c: apply("blocks", h, c, hw), head=head,
+                 combine=guidance(cfg_scale) if guided else first_branch)
+
+
+def network_velocity(net: Network, x: jax.Array, t_B: jax.Array) -> jax.Array:
+  """Every branch's velocity v [K, B, ...] at x [B, ...], t [B]: one network evaluation."""
+  h, c = net.embed(x, t_B)
+  return net.head(net.blocks(h, c), c)
+
+
+def _mean_abs(a) -> jax.Array:
+  return jnp.mean(jnp.abs(a))
+
+
+def _stack(x: jax.Array, num_branches: int) -> jax.Array:
+  """x [B, ...] repeated for every branch and flattened to [K * B, ...]."""
+  return jnp.broadcast_to(x, (num_branches, *x.shape)).reshape(num_branches * x.shape[0], *x.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The two step loops. A policy supplies, over its own state pytree:
+#   decide(net, state, i, last, x, t) -> (compute, state, aux)   every step; cheap
+#   evaluate(net, state, aux, i, x, t) -> (v [K, B, ...], state)   runs the network
+#   estimate(net, state, aux, i, x, t) -> (v [K, B, ...], state)   does not
+# i is the step index (an int in the static loop, traced in the dynamic one), last whether it is the
+# final step, t the step's time.
+
+
+def euler_step(net: Network, x: jax.Array, t, s, v_K: jax.Array) -> jax.Array:
+  """x_s = x_t + (s - t) v for x [B, ...] and the branches v [K, B, ...] mixed by net.combine."""
+  return (x + (s - t) * net.combine(v_K)).astype(x.dtype)
+
+
+def _run_static(net, policy, state, x_T, grid, pattern: tuple[bool, ...]):
+  """Python loop: the network appears only at the steps where pattern is True."""
+  x = x_T
+  for i, compute in enumerate(pattern):
+    t, s = grid[i], grid[i + 1]
+    _, state, aux = policy.decide(net, state, i, i == len(pattern) - 1, x, t)
+    v_K, state = (policy.evaluate if compute else policy.estimate)(net, state, aux, i, x, t)
+    x = euler_step(net, x, t, s, v_K)
+  return x, jnp.asarray(sum(pattern), jnp.int32)
+
+
+def _run_dynamic(net, policy, state, x_T, grid):
+  """lax.scan over the steps; the network runs inside the taken branch of a lax.cond."""
+  num_steps = grid.shape[0] - 1
+
+  def step(carry, its):
+    x, state, nfe = carry
+    i, t, s = its
+    compute, state, aux = policy.decide(net, state, i, i == num_steps - 1, x, t)
+    v_K, state = jax.lax.cond(compute, functools.partial(policy.evaluate, net),
+                              functools.partial(policy.estimate, net), state, aux, i, x, t)
+    return (euler_step(net, x, t, s, v_K), state, nfe + compute.astype(jnp.int32)), None
+
+  (x, _, nfe), _ = jax.lax.scan(step, (x_T, state, jnp.int32(0)),
+                                (jnp.arange(num_steps), grid[:-1], grid[1:]))
+  return x, nfe
+
+
+def _t_batch(t, x):
+  return jnp.full((x.shape[0],), t, jnp.float32)
+
+
+def _velocity_shape(net, x_T) -> jax.ShapeDtypeStruct:
+  return jax.eval_shape(lambda x: network_velocity(net, x, _t_batch(1.0, x)), x_T)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+  return int(value)
+
+
+def _check_float(name: str, value) -> jax.Array:
+  if not isinstance(value, (int, float, np.floating, np.integer)) or value < 0:
+    raise ValueError(f"{name} must be a float >= 0; got {value!r}")
+  return jnp.float32(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies. flax.struct dataclasses: float settings are pytree leaves (a jitted sampler taking the
+# policy as an argument compiles once per policy kind and schedule), ints are static.
+
+
+@flax.struct.dataclass
+class Full:
+  """Plain Euler on a grid of `steps` steps (None: the sampler's num_steps)."""
+  steps: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  def run(self, net, x_T, num_steps, shift):
+    grid = flow.time_grid(self.steps or num_steps, shift=shift)
+    x = flow.euler_sample(lambda x, t_B: net.combine(network_velocity(net, x, t_B)), x_T, grid)
+    return x, jnp.asarray(grid.shape[0] - 1, jnp.int32)
+
+
+def full() -> Full:
+  """Every step evaluates the model: `flow.euler_sample`, the reference."""
+  return Full()
+
+
+def fewer_steps(n: int) -> Full:
+  """Plain Euler with n steps on the same shifted grid family (`flow.time_grid(n, shift)`)."""
+  return Full(steps=_check_int("n (the number of Euler steps)", n, 1))
+
+
+class _VDEState(NamedTuple):
+  t_prev: jax.Array      # the last two anchors (t, alpha [K * B], beta [K * B])
+  alpha_prev: jax.Array
+  beta_prev: jax.Array
+  t_last: jax.Array
+  alpha_last: jax.Array
+  beta_last: jax.Array
+  u_last: jax.Array      # [K * B, ...], the direction of the last full evaluation
+
+
+class _VDEMixin:
+  """Evaluation, anchoring and estimation shared by the fixed and the adaptive VDE schedules."""
+
+  @staticmethod
+  def init(net, x_T) -> _VDEState:
+    k, b, *rest = _velocity_shape(net, x_T).shape
+    zeros = jnp.zeros((k * b,), jnp.float32)
+    # Distinct dummy anchor times keep the (unused) slopes finite before the first anchors.
+    return _VDEState(jnp.float32(-1), zeros, zeros, jnp.float32(0), zeros, zeros,
+                     jnp.zeros((k * b, *rest), jnp.float32))
+
+  def evaluate(self, net, state, aux, i, x, t):
+    v_K = network_velocity(net, x, _t_batch(t, x))
+    alpha, beta, u = vde_math.decompose(v_K.reshape(-1, *x.shape[1:]), _stack(x, v_K.shape[0]))
+    # Anchors are kept from step stable_step - 1 on (arXiv 2605.23381's released code).
+    anchored = _VDEState(state.t_last, state.alpha_last, state.beta_last,
+                         jnp.asarray(t, jnp.float32), alpha, beta, u)
+    keep = i >= self.stable_step - 1
+    return v_K, jax.tree.map(lambda a, b: jnp.where(keep, a, b), anchored, state._replace(u_last=u))
+
+  def estimate(self, net, state, aux, i, x, t):
+    s = state
+    alpha = vde_math.extrapolate(t, s.t_prev, s.alpha_prev, s.t_last, s.alpha_last)
+    beta = vde_math.extrapolate(t, s.t_prev, s.beta_prev, s.t_last, s.beta_last)
+    k = alpha.shape[0] // x.shape[0]
+    v = vde_math.recompose(alpha, beta, s.u_last, _stack(x, k))
+    return v.reshape(k, *x.shape), state
+
+
+@flax.struct.dataclass
+class VDE(_VDEMixin):
+  """VDE's fixed schedule (see `vde`)."""
+  stable_step: int = flax.struct.field(pytree_node=False)
+  interval: int = flax.struct.field(pytree_node=False)
+
+  def decide(self, net, state, i, last, x, t):
+    return None, state, None
+
+  def run(self, net, x_T, num_steps, shift):
+    full_steps = set(vde_math.full_step_indices(num_steps, self.stable_step, self.interval))
+    pattern = tuple(i in full_steps for i in range(num_steps))
+    return _run_static(net, self, self.init(net, x_T), x_T, flow.time_grid(num_steps, shift=shift),
+                       pattern)
+
+
+def vde(stable_step: int = 6, interval: int = 3) -> VDE:
+  """VDE with the released code's fixed schedule (`vde.full_step_indices`).
+
+  A skipped step uses v = alpha x + beta ||x|| u with alpha, beta extrapolated linearly in t through
+  the last two anchors and u of the last full evaluation (arXiv 2605.23381, Sec. 3).
+  """
+  return VDE(stable_step=_check_int("stable_step", stable_step, 1),
+             interval=_check_int("interval", interval, 1))
+
+
+@flax.struct.dataclass
+class VDEAdaptive(_VDEMixin):
+  """VDE with our adaptive schedule (see `vde_adaptive`)."""
+  tolerance: jax.Array
+  stable_step: int = flax.struct.field(pytree_node=False)
+
+  def decide(self, net, state, i, last, x, t):
+    s = state
+    speed = jnp.mean(jnp.abs(s.alpha_last - s.alpha_prev) + jnp.abs(s.beta_last - s.beta_prev))
+    drift = speed / jnp.abs(s.t_last - s.t_prev) * jnp.abs(t - s.t_last)
+    return (i <= self.stable_step) | last | (drift >= self.tolerance), state, None
+
+  def run(self, net, x_T, num_steps, shift):
+    vde_math.full_step_indices(num_steps, self.stable_step, 1)   # stable_step < num_steps
+    return _run_dynamic(net, self, self.init(net, x_T), x_T, flow.time_grid(num_steps, shift=shift))
+
+
+def vde_adaptive(tolerance: float, stable_step: int = 6) -> VDEAdaptive:
+  """VDE whose full evaluations come sooner where alpha and beta move fast (our rule).
+
+  The paper (arXiv 2605.23381) describes an adaptive interval but its code uses fixed ones. Ours:
+  every step i <= stable_step and the last step are evaluated, as in `vde`; afterwards, from the last
+  two anchors (t_p, alpha_p, beta_p) and (t_l, alpha_l, beta_l), the scalars' speed
+      speed = mean over samples and branches of (|alpha_l - alpha_p| + |beta_l - beta_p|) / |t_l - t_p|
+  predicts how far they have moved by the current t, drift = speed |t - t_l|; the step is evaluated
+  (and re-anchors) once drift >= tolerance, and otherwise estimated as in `vde`. So the interval is
+  about tolerance / (speed |dt|) steps: short where the scalars change fast. tolerance 0 evaluates
+  every step, a larger one fewer; the NFE falls monotonically enough to bisect for a target NFE.
+  """
+  return VDEAdaptive(tolerance=_check_float("tolerance", tolerance),
+                     stable_step=_check_int("stable_step", stable_step, 1))
+
+
+def teacache_update(acc, d, coefficients, threshold, forced):
+  """One step of TeaCache's accumulator (arXiv 2411.19108, Sec. 3.3; its public code).
+
+  acc += polyval(coefficients, d) (coefficients highest degree first, as np.poly1d); the step is
+  computed, and acc reset to 0, when forced or acc >= threshold. Returns (compute, acc).
+  """
+  acc = acc + jnp.polyval(jnp.asarray(coefficients, jnp.float32), d)
+  compute = forced | (acc >= threshold)
+  return compute, jnp.where(compute, 0.0, acc)
+
+
+class _ResidualState(NamedTuple):
+  acc: jax.Array
+  signal_prev: jax.Array
+  residual: Any           # blocks(h) - h of the last full evaluation
+
+
+def _residual_state(net, x_T, signal: bool) -> _ResidualState:
+  h, c = jax.eval_shape(net.embed, x_T, _t_batch(1.0, x_T))
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if signal else a.dtype),
+                                    tree)
+  m = zeros(jax.eval_shape(net.signal, h, c)) if signal else jnp.float32(0)
+  residual = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(net.blocks, h, c))
+  return _ResidualState(jnp.float32(0), m, residual)
+
+
+class _ResidualMixin:
+  """Full evaluation and residual reuse (TeaCache, FORA): embed and head run at every step."""
+
+  def evaluate(self, net, state, aux, i, x, t):
+    h, c = aux
+    h_out = net.blocks(h, c)
+    residual = jax.tree.map(jnp.subtract, h_out, h)
+    return net.head(h_out, c), state._replace(residual=residual)
+
+  def estimate(self, net, state, aux, i, x, t):
+    h, c = aux
+    return net.head(jax.tree.map(jnp.add, h, state.residual), c), state
+
+
+@flax.struct.dataclass
+class TeaCache(_ResidualMixin):
+  """TeaCache (see `teacache`)."""
+  threshold: jax.Array
+  coefficients: jax.Array
+
+  def decide(self, net, state, i, last, x, t):
+    h, c = net.embed(x, _t_batch(t, x))
+    m = net.signal(h, c).astype(jnp.float32)
+    first = i == 0
+    # The first step has no previous signal; it is forced, so its distance is never used.
+    d = jnp.where(first, 0.0, _mean_abs(m - state.signal_prev)
+                  / jnp.where(first, 1.0, _mean_abs(state.signal_prev)))
+    compute, acc = teacache_update(state.acc, d, self.coefficients, self.threshold, first | last)
+    return compute, state._replace(acc=acc, signal_prev=m), (h, c)
+
+  def run(self, net, x_T, num_steps, shift):
+    return _run_dynamic(net, self, _residual_state(net, x_T, signal=True), x_T,
+                        flow.time_grid(num_steps, shift=shift))
+
+
+def teacache(threshold: float, coefficients=(1.0, 0.0)) -> TeaCache:
+  """TeaCache (arXiv 2411.19108): reuse the blocks' residual while the accumulated, rescaled change
+  of the first block's modulated input stays below threshold.
+
+  d = mean|m_t - m_prev| / mean|m_prev| with m the signal of the current and previous step; the
+  accumulator and the forced first and last steps are `teacache_update`. coefficients: the rescaling
+  polynomial, highest degree first, fitted per model by `python -m flowrl.cache.calibrate`
+  ((1, 0): d itself).
+  """
+  coefficients = np.asarray(coefficients, np.float32)
+  if coefficients.ndim != 1 or coefficients.size < 1:
+    raise ValueError(f"coefficients must be a 1-D sequence of floats (highest degree first); "
+                     f"got shape {coefficients.shape}")
+  return TeaCache(threshold=_check_float("threshold", threshold),
+                  coefficients=jnp.asarray(coefficients))
+
+
+@flax.struct.dataclass
+class Fora(_ResidualMixin):
+  """FORA-style residual reuse on a fixed period (see `fora`)."""
+  n: int = flax.struct.field(pytree_node=False)
+
+  def decide(self, net, state, i, last, x, t):
+    return None, state, net.embed(x, _t_batch(t, x))
+
+  def run(self, net, x_T, num_steps, shift):
+    pattern = tuple(i % self.n == 0 for i in range(num_steps))
+    return _run_static(net, self, _residual_state(net, x_T, signal=False), x_T,
+                       flow.time_grid(num_steps, shift=shift), pattern)
+
+
+def fora(n: int) -> Fora:
+  """FORA (arXiv 2407.01425)-style: the blocks run every n-th step, other steps reuse their residual.
+
+  FORA caches each layer's attention and MLP outputs; at our cut the whole blocks' residual is reused.
+  """
+  return Fora(n=_check_int("n (the refresh period)", n, 1))
+
+
+def easycache_update(err, k, input_change, output_scale, tau, forced):
+  """One step of EasyCache's accumulator (arXiv 2507.02860, Sec. 3; its public code).
+
+  err += k * input_change / output_scale; the step is computed, and err reset to 0, when forced or
+  err >= tau. Returns (compute, err).
+  """
+  err = err + k * input_change / output_scale
+  compute = forced | (err >= tau)
+  return compute, jnp.where(compute, 0.0, err)
+
+
+class _EasyCacheState(NamedTuple):
+  err: jax.Array
+  k: jax.Array            # output change / input change between the last two full evaluations
+  x_prev: jax.Array       # the previous step's input
+  x_full: jax.Array       # the input and output of the last full evaluation
+  v_full: jax.Array       # [K, B, ...]
+
+
+@flax.struct.dataclass
+class EasyCache:
+  """EasyCache (see `easycache`)."""
+  tau: jax.Array
+  warmup: int = flax.struct.field(pytree_node=False)
+
+  def decide(self, net, state, i, last, x, t):
+    s = state
+    first = i == 0
+    # The first step is in the warm-up, so its (undefined) input change is never used.
+    change = jnp.where(first, 0.0, _mean_abs(x - s.x_prev))
+    scale = jnp.where(first, 1.0, _mean_abs(s.v_full))
+    compute, err = easycache_update(s.err, s.k, change, scale, self.tau, (i < self.warmup) | last)
+    return compute, s._replace(err=err, x_prev=x), None
+
+  def evaluate(self, net, state, aux, i, x, t):
+    v_K = network_velocity(net, x, _t_batch(t, x))
+    # The first evaluation has nothing to compare with (x_full = x there: 0 / 0).
+    k = jnp.where(i == 0, state.k, _mean_abs(v_K - state.v_full) / _mean_abs(x - state.x_full))
+    return v_K, state._replace(k=k, x_full=x, v_full=v_K)
+
+  def estimate(self, net, state, aux, i, x, t):
+    # The cache delta = v_full - x_full: the output moves with the input, v_hat = x_t + delta.
+    return x + (state.v_full - state.x_full), state
+
+  def run(self, net, x_T, num_steps, shift):
+    if self.warmup >= num_steps:
+      raise ValueError(f"warmup must be < num_steps = {num_steps}; got {self.warmup}")
+    v = _velocity_shape(net, x_T)
+    state = _EasyCacheState(jnp.float32(0), jnp.float32(0), x_T, x_T, jnp.zeros(v.shape, v.dtype))
+    return _run_dynamic(net, self, state, x_T, flow.time_grid(num_steps, shift=shift))
+
+
+def easycache(tau: float, warmup: int = 2) -> EasyCache:
+  """EasyCache (arXiv 2507.02860): reuse delta = v - x of the last full evaluation while the
+  accumulated predicted output change stays below tau.
+
+  The first `warmup` steps and the last step are evaluated; at a full evaluation
+  k = mean|v - v_full| / mean|x - x_full| (the previous full evaluation's input and output); at each
+  later step err += k mean|x_t - x_prev| / mean|v_full| (`easycache_update`); err < tau reuses
+  v = x_t + delta. warmup >= 2, so that k exists before the first decision.
+  """
+  return EasyCache(tau=_check_float("tau", tau), warmup=_check_int("warmup", warmup, 2))
+
+
+Policy = Full | VDE | VDEAdaptive | TeaCache | Fora | EasyCache
+
+
+def sample_network(net: Network, x_T: jax.Array, num_steps: int, policy: Policy, *,
+                   shift: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Integrates from x_T [B, ...] at t = 1 to t = 0 on `flow.time_grid(num_steps, shift)`.
+
+  Returns (x0 [B, ...], nfe): nfe int32, the network evaluations made (one decision per batch).
+  """
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
+    raise ValueError(f"num_steps must be an int >= 2; got {num_steps!r}")
+  return policy.run(net, x_T, int(num_steps), shift)
+
+
+def sample(model, params, x_T: jax.Array, num_steps: int, policy: Policy, *,
+           y: jax.Array | None = None, cfg_scale: float = 1.0, shift: float = 1.0,
+           per_sample: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Samples a `core.nn.DiT` (`dit_network`) from x_T [B, H, W, C] with a caching policy.
+
+  per_sample: decide for each sample alone (a `lax.map` over batches of one, as the methods' public
+  code runs one generation at a time) instead of once per batch.
+  Returns (x0 [B, H, W, C], nfe_B int32 [B]).
+  """
+  def run(x, labels):
+    net = dit_network(model, params, x.shape[1:], y=labels, cfg_scale=cfg_scale)
+    return sample_network(net, x, num_steps, policy, shift=shift)
+
+  if not per_sample:
+    x, nfe = run(x_T, y)
+    return x, jnp.full((x_T.shape[0],), nfe)
+  def one(args):
+    x, labels = args
+    x0, nfe = run(x[None], None if y is None else labels[None])
+    return x0[0], nfe
+
+  # lax.map is a scan: unlike vmap it keeps each sample's lax.cond a real branch.
+  return jax.lax.map(one, (x_T, jnp.zeros(x_T.shape[:1], jnp.int32) if y is None else y))

@@ -1,0 +1,215 @@
+"""GRPO fine-tuning of a pretrained flow model through the common trainer (registered as "flow_grpo").
+
+The base model is the `flow_matching` run in `config.grpo.base_workdir`, trained with the config
+`config.base` (experiments/configs/flow_2d.py or flow_images.py); when that run is missing or unfinished
+it is trained (or resumed) first with core.train.train, so a GRPO config runs from scratch. Its EMA
+parameters start the policy and are the KL reference.
+
+Every grpo.updates_per_batch train steps, sample train.global_batch_size conditions x updates_per_batch
+x grpo.group_size trajectories with the current policy (gradient stopped), reward the final samples and
+form group advantages; this buffer lives in the trainer's carry (checkpointed with the state), and each
+of the next updates_per_batch steps takes the GRPO loss (flowrl.grpo.policy_loss) on its share of the
+groups, at a random subset of the stochastic steps. The carry also counts iterations (the sliding SDE
+window moves once per sampled batch). `evaluate` reports the mean reward on fixed noises and conditions with the
+ODE ("reward_ode") and with the training sampler ("reward_sde") at grpo.num_steps NFE, and the
+wall-clock seconds spent training so far ("train_seconds", evaluation excluded), so metrics.jsonl gives
+reward against iteration and against time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from core import data, flow, flow_task, registry, train
+from core.nn import lora
+from flowrl import grpo, rewards, samplers
+
+EVAL_KEY = 1234
+
+
+def base_model(config: ml_collections.ConfigDict):
+  """(model, EMA params, base config) of the base run, training it first when unfinished."""
+  workdir = config.grpo.base_workdir
+  ckpt = train.Checkpointer(workdir, keep=1_000_000)
+  done = (ckpt.latest_step() or 0) >= int(config.base.train.num_steps)
+  ckpt.close()
+  if not done:
+    train.train(config.base, workdir)
+  params, base_config, _ = train.restore_params(workdir)
+  return flow_task.build_model(base_config), params, base_config
+
+
+def num_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(window length, K): the SDE window's steps and how many of them each iteration trains on."""
+  gc = config.grpo
+  eligible = int(gc.num_steps) - 1          # the step to t = 0 stays deterministic (samplers.window_mask)
+  length = int(gc.window_size) or eligible
+  if not 1 <= length <= eligible:
+    raise ValueError(f"config.grpo.window_size={gc.window_size} must be 0 (all) or in [1, {eligible}]")
+  return length, max(1, round(float(gc.timestep_fraction) * length))
+
+
+@registry.register("flow_grpo")
+def build(config: ml_collections.ConfigDict) -> train.Task:
+  gc = config.grpo
+  model, base_params, base_config = base_model(config)
+  shape = flow_task.example_shape(base_config)
+  num_classes = int(base_config.model.num_classes)
+  reward_fn = rewards.get(gc.reward)
+  grid = flow.time_grid(int(gc.num_steps), shift=float(gc.shift))
+  num_steps, group = int(gc.num_steps), int(gc.group_size)
+  window, k_train = num_train_steps(config)
+  lora_rank, lora_scale = int(gc.lora_rank), float(gc.lora_alpha) / max(int(gc.lora_rank), 1)
+
+  def apply_fn(params):
+    """(x, t, y) -> v of the policy `params` (base + LoRA factors, or all parameters)."""
+    if lora_rank:
+      return lambda x, t, y: lora.apply_with_lora(model, params["base"], params["lora"], x, t, y,
+                                                  scale=lora_scale)
+    return lambda x, t, y: model.apply({"params": params}, x, t, y)
+
+  def velocity(fn, y_B):
+    """(x, t) -> v of fn for conditions y_B [B], with CFG when configured."""
+    if not num_classes:
+      return samplers.guided_velocity(fn, None)
+    return samplers.guided_velocity(fn, y_B, jnp.full_like(y_B, num_classes), float(gc.cfg_scale))
+
+  reference = lambda x, t, y: model.apply({"params": base_params}, x, t, y)
+
+  def init_params(key):
+    if not lora_rank:
+      return base_params
+    return {"base": base_params, "lora": lora.init_lora(base_params, list(gc.lora_patterns), lora_rank,
+                                                        key)}
+
+  def trainable(params):
+    return {"base": jax.tree.map(lambda _: False, params["base"]),
+            "lora": jax.tree.map(lambda _: True, params["lora"])}
+
+  def sde_mask(iteration, key):
+    if not int(gc.window_size):
+      return samplers.window_mask(num_steps)
+    start = grpo.window_start(iteration, key, num_positions=num_steps - window, kind=gc.window_kind,
+                              every=int(gc.window_every))
+    return samplers.window_mask(num_steps, (start, start + window))
+
+  updates = int(gc.updates_per_batch)
+  if updates < 1:
+    raise ValueError(f"config.grpo.updates_per_batch={updates}; expected >= 1")
+
+  def sample_batch(params, y_N, key, iteration):
+    """Samples y_N.size // group groups with the (gradient-stopped) policy and their advantages:
+    the buffer of the next `updates` steps, every array led by the trajectory axis N."""
+    noise_key, window_key, sample_key = jax.random.split(key, 3)
+    x_T = grpo.group_noise(noise_key, y_N.shape[0] // group, group, shape, same_noise=gc.same_noise)
+    old_policy = velocity(apply_fn(jax.lax.stop_gradient(params)), y_N)
+    traj = samplers.sample(old_policy, x_T, grid, sample_key, method=gc.sampler, eta=float(gc.eta),
+                           sde_window=sde_mask(iteration // updates, window_key))
+    reward_N = reward_fn(traj.x0, y_N)
+    adv_N = grpo.group_advantages(reward_N.reshape(-1, group), global_std=gc.global_std,
+                                  eps=float(gc.adv_eps), clip=float(gc.adv_clip)).reshape(-1)
+    time_major = {"xs": traj.xs, "means": traj.means, "stds": traj.stds, "log_probs": traj.log_probs}
+    return {**{k: jnp.moveaxis(v, 0, 1) for k, v in time_major.items()}, "y": y_N, "adv": adv_N,
+            "reward": reward_N, "sde_mask": jnp.broadcast_to(traj.sde_mask, (y_N.shape[0], num_steps))}
+
+  def loss(params, batch, key, carry):
+    """One update on 1/updates of the buffer; a new buffer is sampled every `updates` steps from
+    this step's conditions (Flow-GRPO's split of a sampled batch into several updates: the first is
+    on-policy, the later ones off-policy, which is where the clip range acts)."""
+    it = carry["iteration"]
+    sample_key, steps_key = jax.random.split(key)
+    n_conditions = batch["y"].shape[0]
+    y_N = jnp.repeat(batch["y"], updates * group)
+    # Buffer arrays are [conditions, updates * group, ...] so that the carry is batch-major.
+    as_carry = lambda a: a.reshape(n_conditions, updates * group, *a.shape[1:])
+    buffer = jax.lax.cond(
+        it % updates == 0,
+        lambda: jax.tree.map(as_carry, sample_batch(params, y_N, sample_key, it)),
+        lambda: carry["buffer"])
+    # This update's share: `group` trajectories of every condition, i.e. whole groups.
+    part = it % updates
+    mine = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, part * group, group, axis=1)
+                        .reshape(n_conditions * group, *a.shape[2:]), buffer)
+    traj = samplers.Trajectory(
+        xs=jnp.moveaxis(mine["xs"], 1, 0), means=jnp.moveaxis(mine["means"], 1, 0),
+        stds=jnp.moveaxis(mine["stds"], 1, 0), log_probs=jnp.moveaxis(mine["log_probs"], 1, 0),
+        sde_mask=mine["sde_mask"][0], times=grid, x0=mine["xs"][:, -1])
+    ref = velocity(reference, mine["y"]) if float(gc.beta) > 0 else None
+    steps_K = grpo.choose_steps(steps_key, traj.sde_mask, k_train)
+    value, metrics = grpo.policy_loss(
+        velocity(apply_fn(params), mine["y"]), traj, mine["adv"], steps_K, method=gc.sampler,
+        eta=float(gc.eta), clip_range=float(gc.clip_range), beta=float(gc.beta), ref_velocity_fn=ref,
+        use_ratio_norm=gc.ratio_norm)
+    return value, {**metrics, "reward": mine["reward"].mean()}, {"iteration": it + 1,
+                                                                  "buffer": buffer}
+
+  def init_carry(key):
+    n = int(config.train.global_batch_size)
+    y_N = jnp.zeros((n * updates * group,), jnp.int32)
+    abstract = jax.eval_shape(lambda: sample_batch(init_params(key), y_N, key, jnp.int32(0)))
+    return {"iteration": jnp.zeros((), jnp.int32),
+            "buffer": jax.tree.map(lambda a: jnp.zeros((n, updates * group, *a.shape[1:]), a.dtype),
+                                   abstract)}
+
+  def train_data(process_index, process_count):
+    # Each epoch visits every class train.global_batch_size times (one group per drawn label).
+    labels = np.arange(int(config.train.global_batch_size) * max(num_classes, 1)) % max(num_classes, 1)
+    return data.BatchIterator(data.InMemorySource(arrays={"y": labels.astype(np.int32)}),
+                              global_batch_size=int(config.train.global_batch_size), seed=config.seed,
+                              process_index=process_index, process_count=process_count)
+
+  evaluate_rewards = make_evaluator(config, lambda p, y: velocity(apply_fn(p), y), shape, num_classes,
+                                    reward_fn, grid)
+  clock = {"seconds": None, "since": time.perf_counter()}
+
+  def evaluate(params, step, workdir):
+    jax.block_until_ready(params)
+    path = os.path.join(workdir, "train_seconds_grpo.json")
+    if clock["seconds"] is None:    # first call in this process: continue a resumed run's clock
+      clock["seconds"] = 0.0
+      if os.path.exists(path):
+        with open(path) as f:
+          clock["seconds"] = json.load(f)["seconds"]
+    clock["seconds"] += time.perf_counter() - clock["since"]
+    out = {**evaluate_rewards(params), "train_seconds": clock["seconds"]}
+    if jax.process_index() == 0:
+      with open(path, "w") as f:
+        json.dump({"step": step, "seconds": clock["seconds"]}, f)
+    clock["since"] = time.perf_counter()
+    return out
+
+  return train.Task(init_params=init_params, loss=loss, train_data=train_data, evaluate=evaluate,
+                    trainable=trainable if lora_rank else None,
+                    init_carry=init_carry)
+
+
+def make_evaluator(config, policy, shape, num_classes, reward_fn, grid):
+  """params -> {"reward_ode", "reward_sde"}: mean rewards of grpo.eval_size samples from fixed noises
+  (and conditions 0, 1, ..., num_classes - 1, 0, ...), by Euler and by the training sampler.
+
+  policy: (params, y [n]) -> (x, t) -> v.
+  """
+  gc = config.grpo
+  n = int(gc.eval_size)
+  noise_key, sde_key = jax.random.split(jax.random.PRNGKey(EVAL_KEY))
+  x_T = jax.random.normal(noise_key, (n, *shape))
+  y = jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)
+
+  @jax.jit
+  def run(params):
+    fn = policy(params, y)
+    ode = flow.euler_sample(fn, x_T, grid)
+    sde = samplers.sample(fn, x_T, grid, sde_key, method=gc.sampler, eta=float(gc.eta)).x0
+    return reward_fn(ode, y).mean(), reward_fn(sde, y).mean()
+
+  def evaluate_rewards(params):
+    ode, sde = run(params)
+    return {"reward_ode": float(ode), "reward_sde": float(sde)}
+
+  return evaluate_rewards

@@ -1,0 +1,116 @@
+"""The DiT cut into embed / blocks / head for the caching samplers, and TeaCache's calibration."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core import flow
+from core.nn.dit import DiT, modulate
+from flowrl.cache import calibrate, sampling
+from tests.core.nn.random_params import random_params
+
+B, H, W, C = 2, 8, 8, 1
+STEPS = 8
+
+
+@pytest.fixture
+def setup(rng):
+  model = DiT(patch_size=2, width=16, depth=2, num_heads=2, num_classes=3)
+  x = jnp.asarray(rng.normal(size=(B, H, W, C)), jnp.float32)
+  t = jnp.asarray(rng.uniform(size=B), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=B), jnp.int32)
+  params = random_params(model, rng, x, t, y)
+  return model, params, x, t, y
+
+
+def test_dit_pieces_compose_to_the_model_and_keep_its_parameter_names(setup):
+  model, params, x, t, y = setup
+  assert sorted(params) == ["block_0", "block_1", "cond", "final", "patch_embed"]
+  variables = {"params": params}
+  tokens, c = model.apply(variables, x, t, y, method="embed")
+  out = model.apply(variables, model.apply(variables, tokens, c, (H // 2, W // 2), method="blocks"), c,
+                    (H, W, C), method="head")
+  np.testing.assert_array_equal(out, model.apply(variables, x, t, y))
+
+
+def test_first_block_input_is_block_0s_modulated_layer_norm(setup):
+  model, params, x, t, y = setup
+  variables = {"params": params}
+  tokens, c = model.apply(variables, x, t, y, method="embed")
+  m = model.apply(variables, tokens, c, method="first_block_input")
+  adaln = params["block_0"]["adaln"]["linear"]
+  mod = (jax.nn.silu(c) @ adaln["kernel"] + adaln["bias"]).reshape(B, 6, -1)
+  mean, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
+  expected = modulate((tokens - mean) / jnp.sqrt(var + 1e-6), mod[:, 0], mod[:, 1])
+  np.testing.assert_allclose(m, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_policy_is_the_guided_euler_sampler(setup):
+  model, params, x, _, y = setup
+  x0, nfe = sampling.sample(model, params, x, STEPS, sampling.full(), y=y, cfg_scale=2.5)
+  velocity = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  ref = flow.euler_sample(flow.guided(velocity, y, jnp.full_like(y, 3), 2.5), x, flow.time_grid(STEPS))
+  np.testing.assert_allclose(x0, ref, rtol=1e-6, atol=1e-6)
+  assert nfe.tolist() == [STEPS] * B
+
+
+def test_teacache_on_the_dit_runs_the_blocks_only_when_it_computes(setup):
+  model, params, x, _, y = setup
+  calls = []
+  net = sampling.dit_network(model, params, (H, W, C), y=y, cfg_scale=2.0)
+
+  def blocks(h, c):
+    jax.debug.callback(lambda h: calls.append(1), h)
+    return net.blocks(h, c)
+
+  counted = net._replace(blocks=blocks)
+  run = jax.jit(lambda p: sampling.sample_network(counted, x, STEPS, p))
+  ref, _ = run(sampling.full())
+  calls.clear()
+  x0, nfe = run(sampling.teacache(0.0))   # d >= 0: every step computes
+  assert int(nfe) == STEPS == len(calls)
+  np.testing.assert_allclose(x0, ref, rtol=1e-5, atol=1e-5)
+  calls.clear()
+  x0, nfe = run(sampling.teacache(1e9))   # only the forced first and last steps
+  assert int(nfe) == 2 == len(calls)
+  assert np.abs(np.asarray(x0) - np.asarray(ref)).max() > 1e-4
+
+
+def test_per_sample_decisions_equal_separate_runs(setup):
+  model, params, x, _, y = setup
+  policy = sampling.easycache(0.05, warmup=2)
+  x0, nfe = sampling.sample(model, params, x, STEPS, policy, y=y, cfg_scale=2.0, per_sample=True)
+  for b in range(B):
+    xb, nfe_b = sampling.sample(model, params, x[b:b + 1], STEPS, policy, y=y[b:b + 1], cfg_scale=2.0)
+    assert int(nfe[b]) == int(nfe_b[0])
+    np.testing.assert_allclose(x0[b], xb[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dit_network_needs_labels_for_a_conditional_model(setup):
+  model, params, *_ = setup
+  with pytest.raises(ValueError, match="y"):
+    sampling.dit_network(model, params, (H, W, C))
+
+
+def test_calibration_fit_recovers_a_polynomial(rng):
+  coefficients = rng.normal(size=5)
+  d_in = rng.uniform(0.01, 0.2, size=(30, 4))
+  result = calibrate.fit(d_in, np.polyval(coefficients, d_in))
+  np.testing.assert_allclose(result["coefficients"], coefficients, rtol=1e-4, atol=1e-6)
+  assert result["rmse"] < 1e-8 and result["points"] == 120
+
+
+def test_relative_changes_along_the_trajectory(rng):
+  w = jnp.asarray(rng.normal(size=(5, 5)) / 3, jnp.float32)
+  fn = lambda x, t: (jnp.tanh(x @ w) * (1 + t[:, None]) - x)[None]
+  x_T = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  d_in, d_out = calibrate.relative_changes(sampling.velocity_network(fn), x_T, STEPS)
+  grid = np.asarray(flow.time_grid(STEPS))
+  xs, vs, x = [], [], np.asarray(x_T)
+  for i in range(STEPS):
+    v = np.asarray(fn(jnp.asarray(x), jnp.full((3,), grid[i])))[0]
+    xs.append(x), vs.append(v)
+    x = x + (grid[i + 1] - grid[i]) * v
+  change = lambda a: np.abs(np.diff(a, axis=0)).mean(-1) / np.abs(np.asarray(a)[:-1]).mean(-1)
+  np.testing.assert_allclose(d_in, change(np.stack(xs)), rtol=1e-4)
+  np.testing.assert_allclose(d_out, change(np.stack(vs)), rtol=1e-4)

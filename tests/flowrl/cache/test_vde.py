@@ -1,0 +1,68 @@
+"""VDE's velocity decomposition and fixed schedule (flowrl/cache/vde.py)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowrl.cache import vde
+
+
+def test_decompose_reconstructs_v_with_a_unit_direction_orthogonal_to_x(rng):
+  x = rng.normal(size=(4, 5, 3, 2))
+  v = rng.normal(size=x.shape) + rng.normal(size=(4, 1, 1, 1)) * x
+  alpha, beta, u = vde.decompose(jnp.asarray(v), jnp.asarray(x))
+  assert alpha.shape == beta.shape == (4,) and u.shape == x.shape
+  flat = lambda a: np.asarray(a, np.float64).reshape(4, -1)
+  np.testing.assert_allclose(np.linalg.norm(flat(u), axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.sum(flat(u) * flat(x), axis=1), 0.0, atol=1e-4)
+  # Against the closed form in float64.
+  alpha_ref = np.sum(flat(v) * flat(x), 1) / np.sum(flat(x) ** 2, 1)
+  r = flat(v) - alpha_ref[:, None] * flat(x)
+  np.testing.assert_allclose(alpha, alpha_ref, rtol=1e-5)
+  np.testing.assert_allclose(beta, np.linalg.norm(r, axis=1) / np.linalg.norm(flat(x), axis=1), rtol=1e-5)
+  np.testing.assert_allclose(vde.recompose(alpha, beta, u, jnp.asarray(x, jnp.float32)), v, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_decompose_of_a_velocity_parallel_to_x_has_no_direction(rng):
+  x = rng.normal(size=(3, 7))
+  # Powers of two (and 0) keep v = scale x exactly parallel in floating point: r is exactly 0.
+  scale = rng.choice([-4.0, -0.5, 0.0, 0.5, 2.0], size=(3, 1))
+  alpha, beta, u = vde.decompose(jnp.asarray(scale * x), jnp.asarray(x))
+  np.testing.assert_allclose(alpha, scale[:, 0], rtol=1e-5)
+  np.testing.assert_array_equal(beta, 0.0)
+  np.testing.assert_array_equal(u, 0.0)
+  np.testing.assert_allclose(vde.recompose(alpha, beta, u, jnp.asarray(x, jnp.float32)), scale * x,
+                             rtol=1e-5)
+
+
+def test_decompose_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match="share a shape"):
+    vde.decompose(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+
+
+def test_extrapolate_is_exact_on_a_line(rng):
+  a, b, t0, t1, t = rng.normal(size=5)
+  line = lambda s: a + b * s
+  np.testing.assert_allclose(vde.extrapolate(t, t0, line(t0), t1, line(t1)), line(t), rtol=1e-9)
+
+
+@pytest.mark.parametrize("interval,count", [(3, 22), (4, 18), (5, 16)])
+def test_full_step_indices_give_the_papers_counts(interval, count):
+  steps = vde.full_step_indices(50, 6, interval)
+  assert len(steps) == count
+  assert steps[:7] == tuple(range(7)) and steps[-1] == 49
+  assert all(b - a <= interval for a, b in zip(steps, steps[1:]))
+
+
+def test_full_step_indices_by_hand():
+  assert vde.full_step_indices(12, 2, 4) == (0, 1, 2, 6, 10, 11)
+  assert vde.full_step_indices(5, 4, 3) == (0, 1, 2, 3, 4)
+  assert vde.full_step_indices(8, 1, 1) == tuple(range(8))
+
+
+@pytest.mark.parametrize("args,match", [((50, 6, 0), "interval"), ((50, 50, 3), "stable_step"),
+                                        ((50, 0, 3), "stable_step"), ((1, 0, 1), "num_steps"),
+                                        ((50, 6.0, 3), "stable_step must be an int")])
+def test_full_step_indices_rejects_bad_input(args, match):
+  with pytest.raises(ValueError, match=match):
+    vde.full_step_indices(*args)

@@ -1,0 +1,306 @@
+"""flowrl.grpo against numpy and toy policies; the flow_grpo task through the trainer (sharded, LoRA)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import experiments.tasks  # noqa: F401  (registers the tasks)
+from core import flow, sharding, train
+from experiments.configs import flow_2d, precise_2d, precise_digits
+from flowrl import grpo, rewards, samplers
+from flowrl import task as grpo_task
+
+
+def test_group_advantages_match_numpy():
+  rng = np.random.default_rng()
+  r = rng.standard_normal((5, 6)) * rng.uniform(0.5, 3, (5, 1))
+  r[2] = 1.5                                                # a group with one reward: advantage 0
+  r[3, 0] = 40.0                                            # an outlier the clip catches
+  for global_std in (False, True):
+    std = r.std() if global_std else r.std(axis=1, keepdims=True)
+    want = np.clip((r - r.mean(1, keepdims=True)) / (std + 1e-4), -1.5, 1.5)
+    got = grpo.group_advantages(jnp.asarray(r, jnp.float32), global_std=global_std, clip=1.5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(grpo.group_advantages(jnp.asarray(r, jnp.float32)))[2] == 0)
+  with pytest.raises(ValueError, match="num_groups, group_size"):
+    grpo.group_advantages(jnp.ones(6))
+
+
+def test_clipped_surrogate_matches_numpy_off_policy():
+  rng = np.random.default_rng()
+  log_ratio, adv = rng.normal(0, 0.2, (4, 7)), rng.standard_normal(7)
+  e = rng.uniform(0.05, 0.2)
+  ratio = np.exp(log_ratio)
+  want = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - e, 1 + e)).mean()
+  got = grpo.clipped_surrogate(jnp.asarray(log_ratio, jnp.float32), jnp.asarray(adv, jnp.float32), e)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_surrogate_gradient_moves_a_gaussian_policy_toward_the_high_advantage_sample():
+  rng = np.random.default_rng()
+  theta = jnp.float32(rng.normal())
+  good, bad = theta + rng.uniform(0.5, 1.5), theta - rng.uniform(0.5, 1.5)
+  x = jnp.array([[good], [bad]], jnp.float32)
+  adv = jnp.array([1.0, -1.0])
+
+  def loss(theta):
+    logp = samplers.gaussian_log_prob(x, jnp.full_like(x, theta), 0.7)
+    return grpo.clipped_surrogate(logp - jax.lax.stop_gradient(logp), adv, 1e-4)
+
+  assert float(loss(theta)) == pytest.approx(0.0, abs=1e-6)    # ratio 1: -mean(A) = 0
+  step = -jax.grad(loss)(theta)
+  assert float(step) > 0                                      # toward `good` (above theta)
+  # The policy gradient -mean(A d log p / d theta) = mean(A (x - theta)) / std^2, exactly.
+  np.testing.assert_allclose(step, ((good - theta) - (bad - theta)) / 2 / 0.49, rtol=1e-5)
+
+
+def test_ratio_norm_leaves_the_noise_times_mean_shift_and_kl_matches_numpy():
+  rng = np.random.default_rng()
+  mean_old, dmu = rng.standard_normal((3, 8)), rng.normal(0, 0.1, (3, 8))
+  std, z = rng.uniform(0.1, 1.0), rng.standard_normal((3, 8))
+  x = mean_old + std * z
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  log_ratio = (samplers.gaussian_log_prob(f32(x), f32(mean_old + dmu), std)
+               - samplers.gaussian_log_prob(f32(x), f32(mean_old), std))
+  got = grpo.ratio_norm(log_ratio, f32(mean_old + dmu), f32(mean_old), std)
+  np.testing.assert_allclose(got, (z * dmu).mean(1), rtol=1e-3, atol=1e-5)
+  kl = grpo.kl_to_reference(f32(mean_old + dmu), f32(mean_old), std)
+  np.testing.assert_allclose(kl, (dmu ** 2).mean(1) / (2 * std ** 2), rtol=1e-5)
+
+
+def test_choose_steps_draws_distinct_steps_inside_the_mask_uniformly():
+  mask = jnp.array([False, True, True, False, True, True, True, False])
+  counts = np.zeros(8)
+  for i in range(300):
+    idx = np.asarray(grpo.choose_steps(jax.random.PRNGKey(i), mask, 3))
+    assert len(set(idx)) == 3 and np.all(np.asarray(mask)[idx])
+    counts[idx] += 1
+  np.testing.assert_allclose(counts[np.asarray(mask)] / 300, 3 / 5, atol=0.1)
+  with pytest.raises(ValueError, match="num_train"):
+    grpo.choose_steps(jax.random.PRNGKey(0), mask, 9)
+
+
+def test_window_start_slides_and_cycles_or_is_random():
+  starts = [int(grpo.window_start(i, None, num_positions=4, kind="sliding", every=2)) for i in range(10)]
+  assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+  drawn = {int(grpo.window_start(0, jax.random.PRNGKey(i), num_positions=4, kind="random"))
+           for i in range(50)}
+  assert drawn == {0, 1, 2, 3}
+  with pytest.raises(ValueError, match="window kind"):
+    grpo.window_start(0, None, num_positions=4, kind="fixed")
+
+
+def test_group_noise_is_shared_within_a_group_only_when_asked():
+  key = jax.random.PRNGKey(np.random.default_rng().integers(1 << 30))
+  same = grpo.group_noise(key, 3, 4, (2,), same_noise=True).reshape(3, 4, 2)
+  assert np.all(same == same[:, :1]) and not np.allclose(same[0], same[1])
+  own = grpo.group_noise(key, 3, 4, (2,), same_noise=False).reshape(3, 4, 2)
+  assert not np.allclose(own[:, 0], own[:, 1])
+
+
+def test_policy_loss_gradient_is_the_advantage_weighted_log_prob_gradient():
+  """A velocity v = theta (a constant vector): policy_loss's gradient equals that of
+  -mean_{k, b} A_b log p_theta(x_{k+1} | x_k) over the chosen steps, written out independently."""
+  rng = np.random.default_rng()
+  theta0 = jnp.asarray(rng.standard_normal(3), jnp.float32)
+  x_T = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+  grid = flow.time_grid(6, shift=2.0)
+  key = jax.random.PRNGKey(rng.integers(1 << 30))
+  adv = jnp.asarray(rng.standard_normal(6), jnp.float32)
+  steps = jnp.array([0, 3, 2])
+  for method, eta in (("precise", 1.5), ("flow_grpo", 0.7)):
+    traj = samplers.sample(lambda x, t: jnp.broadcast_to(theta0, x.shape), x_T, grid, key,
+                           method=method, eta=eta)
+
+    def loss(theta, beta=0.0):
+      fn = lambda x, t: jnp.broadcast_to(theta, x.shape)
+      ref = lambda x, t: jnp.zeros_like(x)
+      return grpo.policy_loss(fn, traj, adv, steps, method=method, eta=eta, clip_range=1e-4,
+                              beta=beta, ref_velocity_fn=ref)
+
+    def reference(theta):
+      total = 0.0
+      for k in np.asarray(steps):
+        t, s = float(grid[k]), float(grid[k + 1])
+        x = traj.xs[k]
+        _, mean, std = samplers.sde_step(method, x, jnp.broadcast_to(theta, x.shape), t, s,
+                                         jnp.zeros_like(x), eta)
+        total = total - (adv * samplers.gaussian_log_prob(traj.xs[k + 1], mean, std)).mean()
+      return total / len(steps)
+
+    value, metrics = loss(theta0)
+    np.testing.assert_allclose(value, -adv.mean(), rtol=1e-5, atol=1e-6)
+    assert float(metrics["clip_frac"]) == 0 and float(metrics["kl"]) == 0
+    np.testing.assert_allclose(jax.grad(lambda p: loss(p)[0])(theta0), jax.grad(reference)(theta0),
+                               rtol=1e-4, atol=1e-6)
+    # beta > 0 adds the KL to the zero-velocity reference.
+    with_kl, metrics = loss(theta0, beta=0.1)
+    assert float(metrics["kl"]) > 0
+    np.testing.assert_allclose(with_kl, value + 0.1 * metrics["kl"], rtol=1e-6)
+  with pytest.raises(ValueError, match="ref_velocity_fn"):
+    grpo.policy_loss(lambda x, t: x, traj, adv, steps, method="precise", eta=1.5, clip_range=1e-4,
+                     beta=0.1)
+
+
+def test_policy_loss_off_policy_uses_the_old_log_probs_and_clips():
+  """Trajectories from theta0, policy theta1: the loss is PPO's clipped surrogate of
+  exp(log p_theta1 - log p_theta0) per step and example, recomputed here in float64 numpy."""
+  rng = np.random.default_rng()
+  theta0 = rng.standard_normal(3).astype(np.float32)
+  theta1 = theta0 + rng.uniform(0.05, 0.2, 3).astype(np.float32) * rng.choice([-1, 1], 3)
+  x_T = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+  grid = flow.time_grid(5)
+  adv = rng.standard_normal(8).astype(np.float32)
+  steps = jnp.array([1, 3])
+  eta, clip = 1.5, 1e-2
+  const = lambda theta: (lambda x, t: jnp.broadcast_to(jnp.asarray(theta), x.shape))
+  traj = samplers.sample(const(theta0), x_T, grid, jax.random.PRNGKey(int(rng.integers(1 << 30))),
+                         method="precise", eta=eta)
+  value, metrics = grpo.policy_loss(const(theta1), traj, jnp.asarray(adv), steps, method="precise",
+                                    eta=eta, clip_range=clip)
+  xs, g = np.asarray(traj.xs, np.float64), np.asarray(grid, np.float64)
+  terms, clipped = [], []
+  for k in np.asarray(steps):
+    t, s = g[k], g[k + 1]
+    r = s * (1 - t) / (t * (1 - s))
+    std = np.sqrt(s ** 2 * (1 - r ** (eta ** 2)))
+    logp = {}
+    for name, theta in (("old", theta0), ("new", theta1)):
+      x0_hat, eps_hat = xs[k] - t * theta, xs[k] + (1 - t) * theta
+      mean = (1 - s) * x0_hat + np.sqrt(s ** 2 - std ** 2) * eps_hat
+      logp[name] = (-0.5 * ((xs[k + 1] - mean) / std) ** 2 - np.log(std)
+                    - 0.5 * np.log(2 * np.pi)).mean(1)
+    ratio = np.exp(logp["new"] - logp["old"])
+    terms.append(np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - clip, 1 + clip)))
+    clipped.append(np.abs(ratio - 1) > clip)
+  np.testing.assert_allclose(float(value), np.mean(terms), rtol=2e-4)
+  np.testing.assert_allclose(float(metrics["clip_frac"]), np.mean(clipped))
+  assert 0 < np.mean(clipped)                                   # the change is big enough to clip
+
+
+def test_rewards_have_their_documented_maximum():
+  angle = np.random.default_rng().uniform(0, 2 * np.pi, 5)
+  ring = lambda r: jnp.asarray(r * np.stack([np.cos(angle), np.sin(angle)], 1), jnp.float32)
+  np.testing.assert_allclose(rewards.outer_ring(ring(2.0)), 1.0, rtol=1e-6)
+  assert np.all(np.asarray(rewards.outer_ring(ring(1.0))) < 1e-5)
+  assert np.all(np.asarray(rewards.outer_ring(ring(2.3))) < np.asarray(rewards.outer_ring(ring(2.1))))
+  with pytest.raises(ValueError, match="reward must be one of"):
+    rewards.get("pickscore")
+
+
+def test_digit_reward_is_the_classifiers_log_probability_of_the_label():
+  from core import data
+  test = data.load_in_memory("digits", "test", config="r16").arrays
+  x = test["image"][:64].astype(np.float32) / 127.5 - 1
+  y = test["label"][:64]
+  logp = np.asarray(rewards.digit_logprob(jnp.asarray(x), jnp.asarray(y)))
+  assert logp.shape == (64,) and np.all(logp <= 0)
+  assert np.mean(np.exp(logp) > 0.5) > 0.9                  # real digits: their own class is likely
+  wrong = np.asarray(rewards.digit_logprob(jnp.asarray(x), jnp.asarray((y + 1) % 10)))
+  assert wrong.mean() < logp.mean() - 3
+  np.testing.assert_array_equal(rewards.digit_classifier()[0], rewards.digit_classifier.__wrapped__()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The task through core.train
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("flowrl_base") / "flow_2d_smoke"
+  train.train(flow_2d.get_config("smoke"), str(workdir))
+  return str(workdir)
+
+
+def _config(base_workdir, sampler="precise", **grpo_fields):
+  c = precise_2d.get_config(f"smoke,{sampler}")
+  c.grpo.base_workdir = base_workdir
+  c.grpo.update(grpo_fields)
+  return c
+
+
+def test_sharded_grpo_step_equals_the_single_device_step(base_workdir):
+  config = _config(base_workdir, "flow_grpo", window_size=3, ratio_norm=True)   # KL, window, RatioNorm
+  config.optim.update({"name": "sgd", "b1": 0.9})
+  rng = np.random.default_rng()
+  batches = [{"y": np.zeros(8, np.int32)} for _ in range(2)]
+  key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+  results = []
+  for mesh in (sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+               sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})):
+    run = train.setup(config, mesh)
+    state = run.init(key)
+    for b in batches:
+      state, metrics = run.step(state, sharding.global_batch(b, mesh))
+    results.append((state, metrics))
+  (s1, m1), (s8, m8) = results
+  for name in ("loss", "reward", "kl", "grad_norm"):
+    np.testing.assert_allclose(float(m1[name]), float(m8[name]), rtol=1e-4, atol=1e-7)
+  assert float(m1["grad_norm"]) > 0
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert int(s8.carry["iteration"]) == 2
+
+
+def test_a_sampled_batch_serves_updates_per_batch_steps(base_workdir):
+  """With 2 updates per batch: step 1 samples the buffer, step 2 reuses it unchanged (off-policy: its
+  log-ratio is no longer 0), step 3 samples a new one."""
+  config = _config(base_workdir, "precise", updates_per_batch=2)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  run = train.setup(config, mesh)
+  state = run.init(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))))
+  buffers = []
+  for i in range(3):
+    state, _ = run.step(state, sharding.global_batch({"y": np.zeros(8, np.int32)}, mesh))
+    buffers.append(jax.tree.map(np.asarray, state.carry["buffer"]))
+  b1, b2, b3 = buffers
+  assert b1["xs"].shape == (8, 2 * config.grpo.group_size, config.grpo.num_steps + 1, 2)
+  for a, b in zip(jax.tree.leaves(b1), jax.tree.leaves(b2)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(b1["xs"], b3["xs"])
+  assert int(state.carry["iteration"]) == 3
+
+
+def test_smoke_run_logs_rewards_and_time_and_resumes(base_workdir, tmp_path):
+  config = _config(base_workdir, "precise")
+  assert train.train(config, str(tmp_path)) == config.train.num_steps
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = [r for r in rows if "eval/reward_ode" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  assert all(np.isfinite(r[k]) for r in evals for k in ("eval/reward_ode", "eval/reward_sde"))
+  assert 0 < evals[0]["eval/train_seconds"] < evals[1]["eval/train_seconds"]
+  assert any("train/reward" in r for r in rows)
+  config.train.num_steps = 6                                  # resume: the clock carries on
+  train.train(config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  last = [r for r in rows if "eval/train_seconds" in r][-1]
+  assert last["step"] == 6 and last["eval/train_seconds"] > evals[1]["eval/train_seconds"]
+
+
+def test_lora_fine_tuning_keeps_the_base_frozen(base_workdir, tmp_path):
+  config = _config(base_workdir, "dance", lora_rank=2, lora_alpha=4.0)
+  train.train(config, str(tmp_path))
+  params, _, _ = train.restore_params(str(tmp_path), ema=False)
+  base, _, _ = train.restore_params(base_workdir)
+  for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(params["lora"]))  # lora_b moved
+
+
+def test_configs_keep_the_published_sampler_recipes():
+  for module in (precise_2d, precise_digits):
+    for preset in ("smoke", "cpu", "paper"):
+      fg, pr = module.get_config(f"{preset},flow_grpo"), module.get_config(preset)
+      assert (fg.grpo.eta, fg.grpo.clip_range, fg.grpo.beta) == (0.7, 1e-4, 0.04)
+      assert (pr.grpo.sampler, pr.grpo.eta, pr.grpo.clip_range, pr.grpo.beta) == ("precise", 1.5, 4e-6, 0)
+      assert module.get_config(f"{preset},dance").grpo.eta == 0.3
+      assert 0.7 <= module.get_config(f"{preset},cps").grpo.eta <= 0.8
+      assert fg.grpo.num_steps == 10
+  with pytest.raises(ValueError, match="unknown sampler"):
+    precise_2d.get_config("smoke,ddpm")
+  bad = precise_2d.get_config("smoke")
+  bad.grpo.window_size = 10
+  with pytest.raises(ValueError, match="window_size"):
+    grpo_task.num_train_steps(bad)
