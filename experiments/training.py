@@ -1,6 +1,7 @@
-"""Training runs for the table scripts: train (or reuse) a config's run and report what it cost."""
+"""What the table scripts share: their command line, and training (or reusing) a config's run with its cost."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -8,6 +9,17 @@ import time
 import ml_collections
 
 from core import train
+from experiments.configs import _base
+
+
+def table_parser(doc: str, outputs: str) -> argparse.ArgumentParser:
+  """The table scripts' common flags --preset, --runs and --out; `doc` is the script's docstring and
+  `outputs` names what it writes into --out."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
+  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
+  parser.add_argument("--out", default="results", help=f"where {outputs} go")
+  return parser
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -8,7 +8,6 @@ run is reused), samples with the EMA parameters and writes `flow.md`, `flow.json
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -21,9 +20,9 @@ from sklearn.linear_model import LogisticRegression
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow_task, metrics, train, writers
-from experiments.training import train_timed
+from experiments.training import table_parser, train_timed
 from core.data import two_d
-from experiments.configs import _base, flow_2d, flow_images
+from experiments.configs import flow_2d, flow_images
 
 STEPS = (10, 20, 50)
 CFG_SCALES = (1.0, 2.0, 4.0)
@@ -220,10 +219,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
-  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
-  parser.add_argument("--out", default="results", help="where flow.md, flow.json and the figures go")
+  parser = table_parser(__doc__, "flow.md, flow.json and the figures")
   args = parser.parse_args(argv)
   t0 = time.perf_counter()
   sizes = EVAL_SIZES[args.preset]

@@ -14,7 +14,6 @@ Writes `precise.md`, `precise.json` and `precise_curves.png` into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -29,9 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
 from core import flow, flow_task, registry, train, writers  # noqa: E402
-from experiments.configs import _base, flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
+from experiments.configs import flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
 from experiments.tables.flow import distances  # noqa: E402
-from experiments.training import read_jsonl, train_timed  # noqa: E402
+from experiments.training import read_jsonl, table_parser, train_timed  # noqa: E402
 from flowrl import samplers  # noqa: E402
 
 SAMPLERS = ("flow_grpo", "dance", "cps", "precise")
@@ -242,10 +241,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
-  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
-  parser.add_argument("--out", default="results", help="where precise.md, precise.json and the plot go")
+  parser = table_parser(__doc__, "precise.md, precise.json and the plot")
   parser.add_argument("--problems", default=",".join(PROBLEMS),
                       help=f"comma-separated GRPO problems to run, of {', '.join(PROBLEMS)}")
   args = parser.parse_args(argv)

@@ -13,7 +13,6 @@ our stand-in for the paper's pass@1), and denoising rounds per block, over a swe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -26,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
 from core import data, train  # noqa: E402
-from experiments.configs import _base, relay_code, relay_sudoku  # noqa: E402
-from experiments.training import train_timed  # noqa: E402
+from experiments.configs import relay_code, relay_sudoku  # noqa: E402
+from experiments.training import table_parser, train_timed  # noqa: E402
 from relay_jax import task as relay_task  # noqa: E402
 
 SUDOKU_OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")
@@ -210,10 +209,7 @@ def markdown(preset: str, sudoku: dict, code: dict, sudoku_saving: dict, code_sa
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
-  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
-  parser.add_argument("--out", default="results", help="where relay.md, relay.json and the plots go")
+  parser = table_parser(__doc__, "relay.md, relay.json and the plots")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()

@@ -15,7 +15,6 @@ model) into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,8 +26,8 @@ import numpy as np
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow_task, metrics, train, writers
-from experiments.configs import _base, flow_images
-from experiments.training import train_timed
+from experiments.configs import flow_images
+from experiments.training import table_parser, train_timed
 from flowrl.cache import calibrate, sampling, vde
 
 FORA_PERIOD = 3
@@ -333,10 +332,7 @@ def markdown(results: dict, preset: str, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
-  parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
-  parser.add_argument("--out", default="results", help="where vde.md, vde.json and the plot go")
+  parser = table_parser(__doc__, "vde.md, vde.json and the plot")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
