@@ -19,7 +19,7 @@ T_EPS = 1e-5
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _time_like(t, x: jax.Array) -> jax.Array:
+def time_like(t, x: jax.Array) -> jax.Array:
   """Reshapes a scalar or per-example time t [B] to broadcast against x [B, ...]."""
   t = jnp.asarray(t)
   if t.ndim == 0:
@@ -32,7 +32,7 @@ def _time_like(t, x: jax.Array) -> jax.Array:
 
 def interpolate(x0: jax.Array, eps: jax.Array, t) -> jax.Array:
   """x_t = (1 - t) x0 + t eps for x0, eps [B, ...] and t scalar or [B]; returns [B, ...]."""
-  t = _time_like(t, x0)
+  t = time_like(t, x0)
   return (1 - t) * x0 + t * eps
 
 
@@ -43,12 +43,12 @@ def velocity_target(x0: jax.Array, eps: jax.Array) -> jax.Array:
 
 def x0_from_velocity(x_t: jax.Array, v: jax.Array, t) -> jax.Array:
   """x0 = x_t - t v for x_t, v [B, ...] and t scalar or [B]; returns [B, ...]."""
-  return x_t - _time_like(t, x_t) * v
+  return x_t - time_like(t, x_t) * v
 
 
 def eps_from_velocity(x_t: jax.Array, v: jax.Array, t) -> jax.Array:
   """eps = x_t + (1 - t) v for x_t, v [B, ...] and t scalar or [B]; returns [B, ...]."""
-  return x_t + (1 - _time_like(t, x_t)) * v
+  return x_t + (1 - time_like(t, x_t)) * v
 
 
 def time_shift(t, shift):

@@ -81,7 +81,7 @@ def sde_step(method: str, x: jax.Array, v: jax.Array, t, s, noise: jax.Array, et
   check_step_args(method, t, s, eta)
   if v.shape != x.shape or noise.shape != x.shape:
     raise ValueError(f"x {x.shape}, v {v.shape} and noise {noise.shape} must share a shape")
-  t_b, s_b = flow._time_like(t, x), flow._time_like(s, x)   # noqa: SLF001  (core's broadcasting rule)
+  t_b, s_b = flow.time_like(t, x), flow.time_like(s, x)
   dt = s_b - t_b
   if method == "ode":
     mean, std = x + v * dt, jnp.zeros_like(t_b)
