@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-from-requirements
 TABLES := $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard experiments/tables/*.py)))))
 PYTEST_WORKERS ?= 2
 
-.PHONY: tables test venv $(addprefix table-,$(TABLES))
+.PHONY: tables test test-quick test-flake venv $(addprefix table-,$(TABLES))
 
 venv: $(STAMP)
 
@@ -27,3 +27,15 @@ table-%: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+
+# The quick tier for iteration: everything but the end-to-end tests marked slow.
+test-quick: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" --durations=10 tests
+
+# The flake check to run before resolving an issue: every randomized test of the quick tier under
+# FLAKE_SEEDS suite seeds (FLAKE_SEED, FLAKE_SEED + 1, ...); a failure prints its replay command.
+FLAKE_SEEDS ?= 100
+FLAKE_SEED ?= $(shell date +%s)
+test-flake: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "randomized and not slow" --seeds $(FLAKE_SEEDS) \
+	  --seed $(FLAKE_SEED) -p no:cacheprovider tests

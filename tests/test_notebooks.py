@@ -19,6 +19,7 @@ def test_python3_kernel_is_this_python():
   assert KernelManager(kernel_name="python3").format_kernel_cmd()[0] == sys.executable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_without_error(path):
   nb = nbformat.read(path, as_version=4)

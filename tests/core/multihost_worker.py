@@ -1,6 +1,8 @@
-"""One process of the two-process test (3 train steps, then a checkpoint save/restore): `python -m tests.core.multihost_worker PID NPROC PORT OUT`.
+"""One process of the two-process test (3 train steps, then a checkpoint save/restore):
+`python -m tests.core.multihost_worker PID NPROC PORT OUT SEED`.
 
-NPROC=1 is the single-process reference. Each process owns 2 CPU devices; the mesh spans all of them.
+NPROC=1 is the single-process reference. SEED seeds the initial parameters and the data order.
+Each process owns 2 CPU devices; the mesh spans all of them.
 """
 import json
 import os
@@ -17,15 +19,16 @@ from core import sharding, train  # noqa: E402
 from experiments.configs import flow_2d  # noqa: E402
 
 
-def main(pid: int, nproc: int, port: int, out: str) -> None:
+def main(pid: int, nproc: int, port: int, out: str, seed: int) -> None:
   if nproc > 1:
     sharding.initialize_distributed(f"localhost:{port}", nproc, pid)
   config = flow_2d.get_config("smoke")
   config.train.global_batch_size = 32
+  config.seed = seed
   mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:2] if nproc == 1 else None)
   run = train.setup(config, mesh)
   data = run.task.train_data(jax.process_index(), jax.process_count())
-  state = run.init(jax.random.PRNGKey(0))
+  state = run.init(jax.random.PRNGKey(seed))
   losses = []
   for _ in range(3):
     state, metrics = run.step(state, sharding.global_batch(next(data), mesh))
@@ -46,4 +49,4 @@ def main(pid: int, nproc: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

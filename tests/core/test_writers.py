@@ -20,8 +20,7 @@ def test_metric_writer_appends_jsonl_and_tensorboard(tmp_path):
   assert events and events[0].startswith("events.out.tfevents")
 
 
-def test_image_grid_places_each_image(tmp_path):
-  rng = np.random.default_rng()
+def test_image_grid_places_each_image(tmp_path, rng):
   x = rng.uniform(-1, 1, size=(5, 4, 6, 3)).astype(np.float32)
   writers.save_image_grid(x, str(tmp_path / "g.png"), ncol=3)
   grid = np.asarray(Image.open(tmp_path / "g.png"))

@@ -1,6 +1,7 @@
 """The CLI end to end: every config's smoke preset, resume after SIGKILL, SIGTERM, bad input."""
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import main as cli
+from experiments import main as main_cli
+from tests.experiments.smoke import SHARED_RUNS, cli, cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLOW_2D = "experiments/configs/flow_2d.py"
@@ -21,39 +23,46 @@ def _cmd(config, workdir, *overrides):
 
 
 def _run(config, workdir, *overrides, timeout=600):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run(_cmd(config, workdir, *overrides), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return cli(config, workdir, *overrides, timeout=timeout)
 
 
 def _smoke_specs():
-  for path in cli.available_configs():
-    module = cli.load_config_module(path)
+  for path in main_cli.available_configs():
+    module = main_cli.load_config_module(path)
     for preset in getattr(module, "PRESETS", ("smoke",)):
       if preset.split(",")[0] == "smoke":
         yield f"{path}:{preset}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", list(_smoke_specs()))
-def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path):
-  # GRPO configs fine-tune a base run; keep it in this test's folder, not in the repo's runs/.
-  overrides = ((f"--config.grpo.base_workdir={tmp_path / 'base_run'}",)
-               if cli.load_config_module(spec.split(":")[0]).get_config(spec.split(":")[1]).task
-               == "flow_grpo" else ())
-  r = _run(spec, tmp_path, *overrides)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  config = json.load(open(tmp_path / "config.json"))
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path, smoke_runs):
+  path, preset = spec.split(":")
+  config = main_cli.load_config_module(path).get_config(preset)
+  shared = {v: k for k, v in SHARED_RUNS.items()}
+  overrides = ()
+  if spec in shared:                  # trained once for the session by the same command
+    workdir = smoke_runs.copy(shared[spec], tmp_path)
+  else:
+    workdir = tmp_path / "run"
+    if config.task == "flow_grpo":    # fine-tunes a copy of the shared base run
+      base = os.path.basename(config.grpo.base_workdir)
+      overrides = (f"--config.grpo.base_workdir={smoke_runs.copy(base, tmp_path)}",)
+    r = _run(spec, workdir, *overrides)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  workdir = pathlib.Path(workdir)
+  config = json.load(open(workdir / "config.json"))
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   last = max(r["step"] for r in rows)
   assert last == config["train"]["num_steps"]
   assert all(np.isfinite(v) for r in rows for v in r.values())
   assert any(k.startswith("eval/") for r in rows for k in r)
-  assert os.listdir(tmp_path / "tensorboard")
-  assert str(last) in os.listdir(tmp_path / "checkpoints")
+  assert os.listdir(workdir / "tensorboard")
+  assert str(last) in os.listdir(workdir / "checkpoints")
   if config["task"] == "flow_matching":          # the task with a sample hook writes image grids
-    pngs = [f for f in os.listdir(tmp_path / "samples") if f.endswith(".png")]
+    pngs = [f for f in os.listdir(workdir / "samples") if f.endswith(".png")]
     assert f"step_{last:07d}.png" in pngs
-  again = _run(spec, tmp_path, *overrides)           # a finished run says so and exits 0
+  again = _run(spec, workdir, *overrides)           # a finished run says so and exits 0
   assert again.returncode == 0 and "already finished" in again.stdout
 
 
@@ -77,8 +86,7 @@ def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
 
 
 def _start(workdir, overrides):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.Popen(_cmd(f"{FLOW_2D}:smoke", workdir, *overrides), cwd=ROOT, env=env,
+  return subprocess.Popen(_cmd(f"{FLOW_2D}:smoke", workdir, *overrides), cwd=ROOT, env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -86,6 +94,7 @@ LONG = ["--config.train.num_steps=400", "--config.train.checkpoint_every=20",
         "--config.train.eval_every=0", "--config.train.sample_every=0"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   killed, straight = tmp_path / "killed", tmp_path / "straight"
   proc = _start(killed, LONG)
@@ -106,6 +115,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
   proc = _start(tmp_path, LONG)
   seen = _wait_for_checkpoint(proc, tmp_path, 20)
@@ -124,14 +134,14 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     ([f"--config={FLOW_2D}:smoke", "--config.modle.width=3"], "valid fields of config: "),
 ])
 def test_bad_config_gives_one_line_listing_choices(args, expected, tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   r = subprocess.run([sys.executable, "-m", "experiments.main", *args, f"--workdir={tmp_path}"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                     cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and expected in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused(tmp_path):
   assert _run(f"{FLOW_2D}:smoke", tmp_path, "--config.train.num_steps=2").returncode == 0
   r = _run(f"{FLOW_2D}:smoke", tmp_path, "--config.train.num_steps=4", "--config.model.depth=3")

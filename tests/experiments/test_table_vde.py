@@ -1,23 +1,16 @@
 """The VDE table script end to end at the smoke preset, and its NFE-matching search on a known answer."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 
 from experiments.tables import vde
+from tests.experiments.smoke import run_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def test_vde_table_smoke_writes_finite_results(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = tmp_path / "out"
-  r = subprocess.run([sys.executable, "-m", "experiments.tables.vde", "--preset", "smoke",
-                      "--runs", str(tmp_path / "runs"), "--out", str(out)],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+@pytest.mark.slow
+def test_vde_table_smoke_writes_finite_results(tmp_path, smoke_runs):
+  out = run_table("vde", tmp_path, smoke_runs, ["digits_smoke", "image_crops_smoke"], timeout=900)
   for name in ("vde.md", "vde.json", "vde_psnr_nfe.png", "vde_teacache_coefficients.json"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "vde.json").read_text())

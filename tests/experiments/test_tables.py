@@ -1,14 +1,11 @@
 """Table scripts end to end at the smoke preset (flow, relay, precise), and their helpers on known answers."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 
 from experiments.tables import flow, precise, relay
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.experiments.smoke import run_table
 
 
 def _numbers(tree):
@@ -19,19 +16,9 @@ def _numbers(tree):
   return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def _run_table(name, tmp_path, *args):
-  """Runs experiments.tables.<name> at the smoke preset; returns its output folder."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = tmp_path / "out"
-  r = subprocess.run([sys.executable, "-m", f"experiments.tables.{name}", "--preset", "smoke",
-                      "--runs", str(tmp_path / "runs"), "--out", str(out), *args],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  return out
-
-
-def test_flow_table_smoke_writes_finite_results(tmp_path):
-  out = _run_table("flow", tmp_path)
+@pytest.mark.slow
+def test_flow_table_smoke_writes_finite_results(tmp_path, smoke_runs):
+  out = run_table("flow", tmp_path, smoke_runs, ["flow_2d_smoke", "digits_smoke"])
   for name in ("flow.md", "flow.json", "flow_2d_samples.png", "flow_digits_samples.png"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "flow.json").read_text())
@@ -49,8 +36,8 @@ def test_flow_table_smoke_writes_finite_results(tmp_path):
   assert "| held-out data (floor) |" in md and "| 50 | 4 |" in md
 
 
-def test_ring_fraction_and_class_diversity():
-  angle = np.random.default_rng().uniform(0, 2 * np.pi, 4)
+def test_ring_fraction_and_class_diversity(rng):
+  angle = rng.uniform(0, 2 * np.pi, 4)
   radii = np.array([1.1, 1.9, 1.5, 2.5])   # within 0.15 of a ring: the first two
   points = radii[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
   assert flow.ring_fraction(points) == 0.5
@@ -60,8 +47,9 @@ def test_ring_fraction_and_class_diversity():
   np.testing.assert_allclose(flow.class_diversity(images, np.array([0, 0, 1, 1])), 4.0)
 
 
-def test_relay_table_smoke_writes_finite_results(tmp_path):
-  out = _run_table("relay", tmp_path)
+@pytest.mark.slow
+def test_relay_table_smoke_writes_finite_results(tmp_path, smoke_runs):
+  out = run_table("relay", tmp_path, smoke_runs, ["relay_sudoku_relay", "relay_code_relay"])
   for name in ("relay.md", "relay.json", "relay_sudoku_tau.png", "relay_code_tau.png"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "relay.json").read_text())
@@ -86,9 +74,10 @@ def test_nfe_at_accuracy_interpolates_along_the_sweep():
   assert relay.nfe_at_accuracy(curve, 0.7, "acc") is None
 
 
-def test_precise_table_smoke_writes_finite_results(tmp_path):
+@pytest.mark.slow
+def test_precise_table_smoke_writes_finite_results(tmp_path, smoke_runs):
   # The 2-D problem only: the digits GRPO config runs in test_main's smoke test.
-  out = _run_table("precise", tmp_path, "--problems", "2d")
+  out = run_table("precise", tmp_path, smoke_runs, ["flow_2d_smoke"], "--problems", "2d")
   for name in ("precise.md", "precise.json", "precise_curves.png"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "precise.json").read_text())

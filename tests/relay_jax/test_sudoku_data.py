@@ -16,12 +16,6 @@ def tiny(tmp_path_factory):
           for split in ("train", "test")}
 
 
-def _rng():
-  seed = np.random.default_rng().integers(2**31)
-  print("seed", seed)  # Shown by pytest when a test fails.
-  return np.random.default_rng(seed)
-
-
 def test_registered_under_its_tfds_name():
   assert registry.BUILDERS["sudoku"] is sudoku_data.Sudoku
   assert core.data.config_names("sudoku") == ["small", "graded", "large", "tiny"]
@@ -61,8 +55,7 @@ def test_tiny_splits_share_no_grid_up_to_symmetry(tiny):
   assert not sudoku_data.shared_with(tiny["test"].arrays["solution"], train_key).any()
 
 
-def test_shared_with_finds_symmetry_images_of_train_grids():
-  rng = _rng()
+def test_shared_with_finds_symmetry_images_of_train_grids(rng):
   train_Nx81 = sudoku.random_solutions(rng, 40)
   image_Nx81 = sudoku.augment(rng, train_Nx81, train_Nx81)[1]
   candidates_Mx81 = np.concatenate([image_Nx81[:10], sudoku.random_solutions(rng, 30)])
@@ -70,8 +63,7 @@ def test_shared_with_finds_symmetry_images_of_train_grids():
   np.testing.assert_array_equal(shared_M, np.arange(40) < 10)
 
 
-def test_generate_disjoint_replaces_shared_puzzles():
-  seed = int(np.random.default_rng().integers(2**31))
+def test_generate_disjoint_replaces_shared_puzzles(seed):
   puzzle_Nx81, solution_Nx81, _ = sudoku.generate(np.random.default_rng(seed), 8)
   # The same seed draws the same 8 puzzles first; 3 of them are "in train" and must be replaced.
   train_key = sudoku.canonical_keys(solution_Nx81[:3])
@@ -84,13 +76,13 @@ def test_generate_disjoint_replaces_shared_puzzles():
   assert np.all(sudoku.solve_batch(new_puzzle)[0] == 1)
 
 
-def test_random_symmetry_per_example_and_per_batch(tiny):
+def test_random_symmetry_per_example_and_per_batch(tiny, rng):
   source = tiny["train"]
   iterator = lambda: core.data.BatchIterator(source, global_batch_size=16, seed=3,
                                              transform=sudoku_data.random_symmetry)
   first, again = next(iterator()), next(iterator())
   plain = next(core.data.BatchIterator(source, global_batch_size=16, seed=3))
-  for batch in (first, sudoku_data.random_symmetry(plain, _rng())):
+  for batch in (first, sudoku_data.random_symmetry(plain, rng)):
     assert batch["puzzle"].shape == (16, 81) and batch["puzzle"].dtype == np.int8
     assert sudoku.valid_solutions(batch["solution"]).all()
     assert np.all((batch["puzzle"] == 0) | (batch["puzzle"] == batch["solution"]))
@@ -103,10 +95,11 @@ def test_random_symmetry_per_example_and_per_batch(tiny):
     np.testing.assert_array_equal(first[key], again[key])
 
 
-def test_read_puzzle_file_reports_bad_lines_by_number(tmp_path):
-  rng = _rng()
+def test_read_puzzle_file_reports_bad_lines_by_number(tmp_path, rng):
   solution_81 = sudoku.random_solutions(rng, 1)[0]
   puzzle_81 = solution_81 * (rng.random(81) < 0.4)
+  cell = rng.integers(81)
+  puzzle_81[cell] = solution_81[cell]                      # at least one clue (used below)
   puzzle, solution = sudoku.format_grid(puzzle_81), sudoku.format_grid(solution_81)
   # A valid grid that disagrees with a clue: two digits swapped everywhere.
   a = int(puzzle_81[np.flatnonzero(puzzle_81)[0]])
@@ -148,8 +141,7 @@ def test_read_puzzle_file_reports_bad_lines_by_number(tmp_path):
   assert errors[11] == "solution: not a complete valid grid"
 
 
-def test_add_clues_keeps_a_unique_consistent_solution():
-  rng = np.random.default_rng()
+def test_add_clues_keeps_a_unique_consistent_solution(rng):
   puzzle, solution, _ = sudoku.generate(rng, 20)
   more, same, backtracks = sudoku_data.add_clues(rng, puzzle, solution, 30)
   np.testing.assert_array_equal(same, solution)

@@ -45,8 +45,7 @@ def test_split_indices_are_a_fixed_partition():
   assert set(sk.target[first['test']]) == set(range(10))
 
 
-def test_upsample_keeps_the_17_grey_levels():
-  rng = np.random.default_rng()
+def test_upsample_keeps_the_17_grey_levels(rng):
   image_nx8x8 = rng.integers(0, 17, (4, 8, 8))
   up = digits.upsample(image_nx8x8, 32)
   assert up.shape == (4, 32, 32, 1) and up.dtype == np.uint8

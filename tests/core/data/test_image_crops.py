@@ -45,9 +45,8 @@ def test_sources_respect_the_photo_split(splits):
   assert not train_ids & eval_ids
 
 
-def test_crops_are_their_photo_at_their_offset(splits):
+def test_crops_are_their_photo_at_their_offset(splits, rng):
   photos = [image_crops.load_photo(n) for n in image_crops.PHOTOS]
-  rng = np.random.default_rng()
   for arrays in splits.values():
     for i in rng.choice(len(arrays['image']), 200, replace=False):
       row, col = arrays['offset'][i]
@@ -83,8 +82,7 @@ def test_train_crops_are_spread_over_each_photo(splits):
 
 
 @pytest.mark.parametrize('channels', [None, 1, 4])
-def test_load_photo_makes_rgb(monkeypatch, channels):
-  rng = np.random.default_rng()
+def test_load_photo_makes_rgb(monkeypatch, channels, rng):
   shape = (5, 7) if channels is None else (5, 7, channels)
   fake = rng.integers(0, 256, shape, dtype=np.uint8)
   monkeypatch.setattr(skimage.data, 'fake_photo', lambda: fake, raising=False)
@@ -97,8 +95,7 @@ def test_load_photo_makes_rgb(monkeypatch, channels):
       np.testing.assert_array_equal(rgb[..., c], fake.reshape(5, 7))
 
 
-def test_grid_offsets_tile_without_overlap():
-  rng = np.random.default_rng()
+def test_grid_offsets_tile_without_overlap(rng):
   h, w, size = rng.integers(40, 90), rng.integers(40, 90), rng.integers(3, 20)
   offset_nx2 = image_crops.grid_offsets(h, w, size)
   covered = np.zeros((h, w), int)

@@ -14,9 +14,9 @@ from core.data import registry
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
-def test_load_gives_random_access_dicts_of_arrays(data_dir):
+def test_load_gives_random_access_dicts_of_arrays(data_dir, rng):
   source = core.data.load('digits', 'train', config='r16', data_dir=data_dir)
-  i = np.random.default_rng().integers(len(source))
+  i = rng.integers(len(source))
   example = source[i]
   assert set(example) == {'image', 'label', 'index'}
   assert example['image'].shape == (16, 16, 1)

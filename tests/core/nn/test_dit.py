@@ -82,10 +82,11 @@ def test_adaln_single_shares_one_time_mlp(rng):
 def test_cross_attention(rng):
   model = DiT(**SMALL, cross_attention=True)
   x, t = _inputs(rng)
-  # Small keys keep the random model's cross-attention softmax from saturating on one key, where
-  # masking the others would change nothing.
-  ctx = 0.1 * jnp.asarray(rng.normal(size=(B, 5, 16)), jnp.float32)
-  params = {"params": random_params(model, rng, x, t, context_BxMxE=ctx)}
+  ctx = jnp.asarray(rng.normal(size=(B, 5, 16)), jnp.float32)
+  # Small parameters keep the cross-attention softmax from saturating on one key, where masking the
+  # others would change nothing: at the default scale 0.3 the cross-attention's queries are ~170,
+  # and the mask left the output within atol in 0.3% of draws (even with keys scaled down by 10).
+  params = {"params": random_params(model, rng, x, t, context_BxMxE=ctx, scale=0.1)}
   v = model.apply(params, x, t, context_BxMxE=ctx)
   assert not np.allclose(v, model.apply(params, x, t, context_BxMxE=2 * ctx), atol=1e-5)
   # Random, but never all-True (that would equal no mask) and never all-False (undefined softmax).
@@ -99,7 +100,10 @@ def test_cross_attention(rng):
 def test_jit_matches_eager_and_bfloat16_runs(rng):
   model = DiT(**SMALL, pos_embed="rope2d")
   x, t = _inputs(rng)
-  params = {"params": random_params(model, rng, x, t)}
+  # Scale 0.1 keeps the adaLN modulation and the attention logits O(1). At the default 0.3 they are
+  # ~4 and ~100: near-tied logits in the saturated softmax turn bfloat16's rounding into a different
+  # attention pattern, and the 5% bound failed in 8% of draws (at 0.1 the error is 0.6-0.8%).
+  params = {"params": random_params(model, rng, x, t, scale=0.1)}
   v = model.apply(params, x, t)
   np.testing.assert_allclose(jax.jit(model.apply)(params, x, t), v, rtol=1e-4,
                              atol=1e-5 * np.abs(v).max())

@@ -17,7 +17,10 @@ MODEL = DiT(patch_size=2, width=32, depth=1, num_heads=2, mlp="mixffn")
 def _setup(rng, key, random_b=True):
   x = jnp.asarray(rng.normal(size=(2, 8, 4, 3)), jnp.float32)
   t = jnp.asarray(rng.uniform(size=2), jnp.float32)
-  params = random_params(MODEL, rng, x, t)
+  # Scale 0.2 (not the default 0.3) keeps the random DiT's attention logits from saturating, where
+  # near-tied logits amplify the rounding difference between merged and unmerged kernels (0.3 used
+  # up to 22% of the tolerance in 3000 draws; 0.2, 2%).
+  params = random_params(MODEL, rng, x, t, scale=0.2)
   lora = init_lora(params, PATTERNS, rank=3, key=key)
   if random_b:
     lora = jax.tree_util.tree_map_with_path(

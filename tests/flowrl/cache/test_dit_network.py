@@ -1,4 +1,6 @@
 """The DiT cut into embed / blocks / head for the caching samplers, and TeaCache's calibration."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +15,12 @@ B, H, W, C = 2, 8, 8, 1
 STEPS = 8
 
 
+MODEL = DiT(patch_size=2, width=16, depth=2, num_heads=2, num_classes=3)
+
+
 @pytest.fixture
 def setup(rng):
-  model = DiT(patch_size=2, width=16, depth=2, num_heads=2, num_classes=3)
+  model = MODEL
   x = jnp.asarray(rng.normal(size=(B, H, W, C)), jnp.float32)
   t = jnp.asarray(rng.uniform(size=B), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=B), jnp.int32)
@@ -76,14 +81,37 @@ def test_teacache_on_the_dit_runs_the_blocks_only_when_it_computes(setup):
   assert np.abs(np.asarray(x0) - np.asarray(ref)).max() > 1e-4
 
 
-def test_per_sample_decisions_equal_separate_runs(setup):
-  model, params, x, _, y = setup
-  policy = sampling.easycache(0.05, warmup=2)
-  x0, nfe = sampling.sample(model, params, x, STEPS, policy, y=y, cfg_scale=2.0, per_sample=True)
-  for b in range(B):
-    xb, nfe_b = sampling.sample(model, params, x[b:b + 1], STEPS, policy, y=y[b:b + 1], cfg_scale=2.0)
-    assert int(nfe[b]) == int(nfe_b[0])
-    np.testing.assert_allclose(x0[b], xb[0], rtol=1e-5, atol=1e-5)
+@functools.partial(jax.jit, static_argnums=4)
+def _easycache(params, x, y, tau, per_sample):
+  """(x0, nfe_B) of MODEL's guided EasyCache sampler at threshold tau (compiled once per shape)."""
+  return sampling.sample(MODEL, params, x, STEPS, sampling.EasyCache(tau=tau, warmup=2), y=y,
+                         cfg_scale=2.0, per_sample=per_sample)
+
+
+# One vmapped program for a sweep of thresholds: lax.cond becomes a select, the NFE stay the same.
+_easycache_nfe_sweep = jax.jit(jax.vmap(lambda p, x, y, tau: _easycache(p, x, y, tau, True)[1],
+                                        in_axes=(None, None, None, 0)))
+
+
+def test_per_sample_decisions_equal_separate_runs(setup, rng):
+  """Per-sample decisions equal one run per sample, at thresholds where the samples' decisions
+  differ (where one decision shared by the batch could not match both)."""
+  params = setup[1]
+  x = jnp.asarray(rng.normal(size=(4, H, W, C)), jnp.float32)
+  y = jnp.asarray(rng.permutation(4) % 3, jnp.int32)
+  # Thresholds 20% apart over 8 decades, from every step computed to only the forced ones (warm-up
+  # and last): each sample's NFE falls at its own thresholds, so some threshold separates two of the
+  # four samples.
+  taus = np.geomspace(1e-4, 1e4, 100).astype(np.float32)
+  nfe_TxB = np.asarray(_easycache_nfe_sweep(params, x, y, taus))
+  split = np.flatnonzero(nfe_TxB.min(1) < nfe_TxB.max(1))
+  assert split.size, nfe_TxB
+  for tau in taus[split[[0, len(split) // 2, -1]]]:
+    x0, nfe = _easycache(params, x, y, tau, True)
+    for b in range(4):
+      xb, nfe_b = _easycache(params, x[b:b + 1], y[b:b + 1], tau, False)
+      assert int(nfe[b]) == int(nfe_b[0])
+      np.testing.assert_allclose(x0[b], xb[0], rtol=1e-5, atol=1e-5)
 
 
 def test_dit_network_needs_labels_for_a_conditional_model(setup):

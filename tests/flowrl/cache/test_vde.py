@@ -6,12 +6,25 @@ import pytest
 from flowrl.cache import vde
 
 
+def _f32(a):
+  """a rounded to float32 (as float64): the float64 references see what decompose sees."""
+  return np.asarray(a, np.float32).astype(np.float64)
+
+
 def test_decompose_reconstructs_v_with_a_unit_direction_orthogonal_to_x(rng):
-  x = rng.normal(size=(4, 5, 3, 2))
-  v = rng.normal(size=x.shape) + rng.normal(size=(4, 1, 1, 1)) * x
+  flat = lambda a: np.asarray(a, np.float64).reshape(4, -1)
+  x = _f32(rng.normal(size=(4, 5, 3, 2)))
+  # v = alpha x + beta ||x|| u with |alpha|, beta in [1/2, 2] and u a random unit direction orthogonal
+  # to x. With alpha drawn near 0 (v = noise + N(0, 1) x), rtol on alpha failed 1 draw in 400; here
+  # float32's error in alpha and beta stays below 30 ulp (1 + beta / |alpha|) < 1e-5 relative.
+  noise = flat(rng.normal(size=x.shape))
+  r = noise - (np.sum(noise * flat(x), 1) / np.sum(flat(x) ** 2, 1))[:, None] * flat(x)
+  scale_alpha = rng.uniform(0.5, 2, (4, 1)) * rng.choice([-1.0, 1.0], (4, 1))
+  scale_beta = rng.uniform(0.5, 2, (4, 1)) * np.linalg.norm(flat(x), axis=1, keepdims=True)
+  v = _f32((scale_alpha * flat(x) + scale_beta * r / np.linalg.norm(r, axis=1, keepdims=True))
+           .reshape(x.shape))
   alpha, beta, u = vde.decompose(jnp.asarray(v), jnp.asarray(x))
   assert alpha.shape == beta.shape == (4,) and u.shape == x.shape
-  flat = lambda a: np.asarray(a, np.float64).reshape(4, -1)
   np.testing.assert_allclose(np.linalg.norm(flat(u), axis=1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.sum(flat(u) * flat(x), axis=1), 0.0, atol=1e-4)
   # Against the closed form in float64.
@@ -41,9 +54,16 @@ def test_decompose_rejects_mismatched_shapes():
 
 
 def test_extrapolate_is_exact_on_a_line(rng):
-  a, b, t0, t1, t = rng.normal(size=5)
+  a, b, t = rng.normal(size=3)
+  t0 = rng.normal()
+  t1 = t0 + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.5)   # anchors apart: a bounded lever
   line = lambda s: a + b * s
-  np.testing.assert_allclose(vde.extrapolate(t, t0, line(t0), t1, line(t1)), line(t), rtol=1e-9)
+  # line(t) may be near 0, so rtol alone is not enough: float64 rounds the extrapolation to within
+  # ~10 ulp of |f| (1 + |t - t1| / |t1 - t0|), far below atol.
+  lever = 1 + abs(t - t1) / abs(t1 - t0)
+  atol = 1e-12 * (abs(line(t0)) + abs(line(t1))) * lever
+  np.testing.assert_allclose(vde.extrapolate(t, t0, line(t0), t1, line(t1)), line(t), rtol=1e-9,
+                             atol=atol)
 
 
 @pytest.mark.parametrize("interval,count", [(3, 22), (4, 18), (5, 16)])
