@@ -9,9 +9,11 @@ with `--seed N` (or `TEST_SEED=N`); it is printed in the header, and every faili
 reports the command that replays it. `--seeds K` runs each randomized test under K suite seeds
 (seed, seed + 1, ...): the flake check (`make test-flake`).
 """
+import gc
 import os
 import re
 import shlex
+import sys
 import zlib
 
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -113,6 +115,26 @@ def key(seed):
 
 
 _REPLAY = pytest.StashKey[int]()
+
+
+# Every program jax compiles stays loaded, a few memory maps each, until its caches are cleared: the
+# flake check's hundreds of draws per worker otherwise reach the kernel's limit (vm.max_map_count,
+# 65530) and the worker dies with a segfault inside XLA. So the caches are dropped when the maps near
+# a third of it (the persistent compilation cache makes the recompiles cheap).
+_MAPS_LIMIT = 20000
+_tests_since_check = 0
+
+
+def pytest_runtest_teardown(item):
+  global _tests_since_check
+  _tests_since_check += 1
+  if _tests_since_check < 20 or "jax" not in sys.modules or not os.path.exists("/proc/self/maps"):
+    return
+  _tests_since_check = 0
+  with open("/proc/self/maps") as f:
+    if sum(1 for _ in f) > _MAPS_LIMIT:
+      sys.modules["jax"].clear_caches()
+      gc.collect()
 
 
 @pytest.hookimpl(hookwrapper=True)
