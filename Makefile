@@ -1,5 +1,6 @@
 # The README's two commands: `make tables` and `make test`. Both create .venv from requirements.txt
-# when it is missing (or requirements.txt changed) and reuse it otherwise.
+# (pinned versions, Jupyter included) and install this project into it in editable mode, when .venv is
+# missing or requirements.txt or pyproject.toml changed; otherwise they reuse it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,10 +12,11 @@ PYTEST_WORKERS ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # Every table script at the cpu preset; each writes results/<paper>.md and its plots.

@@ -75,7 +75,17 @@ def make_sampler(config: ml_collections.ConfigDict, model=None) -> Callable:
   return jax.jit(sample)
 
 
-@registry.register("flow_matching")
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The flow_matching fields with a fixed set of values (before anything is built)."""
+  registry.check_choices(config, {"model.kind": ("dit", "mlp"), "flow.time_kind": flow.TIME_KINDS,
+                                  "data.name": ("digits", "image_crops", "two_d")})
+  registry.check_choices(config, {"data.config": tuple(data.config_names(config.data.name))})
+  if config.model.kind == "dit":
+    registry.check_choices(config, {"model.modulation": nn.dit.MODULATIONS, "model.mlp": nn.dit.MLPS,
+                                    "model.pos_embed": nn.dit.POS_EMBEDS})
+
+
+@registry.register("flow_matching", check=check_config)
 def build(config: ml_collections.ConfigDict) -> train.Task:
   dc, fc, num_classes = config.data, config.flow, config.model.num_classes
   model = build_model(config)
@@ -121,11 +131,13 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
     out = os.path.join(workdir, "samples", f"step_{step:07d}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(out), exist_ok=True)
-      np.save(out + ".npy", x)
+      # The PNG first: a run killed between the two leaves the .npy missing, never a lone .npy.
       if x.ndim == 4:
-        writers.save_image_grid(x, out + ".png", ncol=max(num_classes, int(np.ceil(np.sqrt(n)))))
+        ncol = max(num_classes, int(np.ceil(np.sqrt(n))))
+        writers.replace_atomically(out + ".png", lambda p: writers.save_image_grid(x, p, ncol=ncol))
       else:
-        save_scatter(x, eval_batch["x"], out + ".png")
+        writers.replace_atomically(out + ".png", lambda p: save_scatter(x, eval_batch["x"], p))
+      writers.replace_atomically(out + ".npy", lambda p: np.save(p, x))
     return {}
 
   return train.Task(init_params=init_params, loss=loss_batch, train_data=train_data,

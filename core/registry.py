@@ -6,15 +6,37 @@ A task builder is `build(config) -> core.train.Task`. Method packages register t
 from collections.abc import Callable
 
 _TASKS: dict[str, Callable] = {}
+_CHECKS: dict[str, Callable] = {}
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
+def register(name: str, check: Callable | None = None) -> Callable[[Callable], Callable]:
+  """Registers `build` under `name`; `check(config)`, if given, raises ValueError on a config the task
+  cannot run. It must be cheap (no data, no models): the trainer calls it before writing anything."""
   def wrap(build: Callable) -> Callable:
     if name in _TASKS and _TASKS[name] is not build:
       raise ValueError(f"task {name!r} is registered twice")
     _TASKS[name] = build
+    if check is not None:
+      _CHECKS[name] = check
     return build
   return wrap
+
+
+def check(config) -> None:
+  """The registered task's own config checks (ValueError on a bad config); unknown task names too."""
+  get(config.task)
+  if config.task in _CHECKS:
+    _CHECKS[config.task](config)
+
+
+def check_choices(config, choices: dict[str, tuple]) -> None:
+  """Raises ValueError naming the first dotted `config` field whose value is not among its choices."""
+  for field, valid in choices.items():
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if value not in valid:
+      raise ValueError(f"config.{field}={value!r}; expected one of {', '.join(map(str, valid))}")
 
 
 def get(name: str) -> Callable:

@@ -3,7 +3,7 @@
 A method supplies a `Task` (init, loss, data, hooks) registered by name in `core.registry`; this module
 owns everything else: the train state, optax optimiser and schedule, the mixed-precision policy, the
 sharded `jax.jit` step with donated state, orbax checkpoints with the data position, resume, the NaN/Inf
-guard, SIGTERM handling, metrics and progress.
+guard, SIGTERM and Ctrl-C handling, metrics and progress.
 
 Determinism: the step's key is `fold_in(state.rng, state.step)` and batch k is a pure function of
 (seed, k), so a run resumed from a checkpoint computes exactly what an uninterrupted run computes.
@@ -72,6 +72,10 @@ class Task:
 
 class NonFiniteError(FloatingPointError):
   pass
+
+
+class ConfigError(ValueError):
+  """A config the trainer refused before writing anything to the workdir."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +254,29 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `config.json`; when one exists, refuses a config that differs outside RUN_CONTROL_FIELDS."""
+def check_config(config: ml_collections.ConfigDict):
+  """The cheap checks of a config, run before anything is built or written; returns its mesh.
+
+  The task's own checks (`registry.register(..., check=)`), the compute dtype, the run lengths, the
+  mesh against the devices, and the global batch against the mesh's batch shards and the processes.
+  Raises ValueError naming the field.
+  """
+  registry.check(config)
+  compute_dtype(config.train.compute_dtype)
+  for field in ("num_steps", "global_batch_size"):
+    if int(config.train[field]) < 1:
+      raise ValueError(f"config.train.{field}={config.train[field]}; expected >= 1")
+  for field in ("log_every", "eval_every", "sample_every", "checkpoint_every"):
+    if int(config.train[field]) < 0:
+      raise ValueError(f"config.train.{field}={config.train[field]}; expected >= 0 (0: off)")
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.batch_size_per_process(int(config.train.global_batch_size), mesh)
+  return mesh
+
+
+def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a config that differs from the workdir's `config.json`, if any, outside
+  RUN_CONTROL_FIELDS. Reads only."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
@@ -267,10 +292,14 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> No
       raise ValueError(f"workdir {workdir} was written by an incompatible config; differing fields: "
                        f"{shown}{' ...' if len(differ) > 6 else ''}. Use a new --workdir, or change "
                        f"only {', '.join(RUN_CONTROL_FIELDS)}.")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `workdir/config.json` (process 0), creating the workdir."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -297,18 +326,28 @@ def restore_params(workdir: str, *, ema: bool = True, step: int | None = None):
 # The loop
 
 
-class _Sigterm:
-  """Turns SIGTERM into a flag the loop checks once per step, so a checkpoint is saved first."""
+class _StopSignals:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks once per step, so a checkpoint is
+  saved before the run exits; a second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.received = None      # the first signal's number
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    self.received = True
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = self.received or signum
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.received).name
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def _check_finite(step: int, metrics: Mapping[str, float], ckpt: Checkpointer) -> None:
@@ -324,14 +363,20 @@ def _check_finite(step: int, metrics: Mapping[str, float], ckpt: Checkpointer) -
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   """Trains (or resumes) `config` in `workdir` until `config.train.num_steps`; returns the final step.
 
-  Raises NonFiniteError when a loss/gradient becomes NaN/Inf (nothing after the last good checkpoint
-  is saved). On SIGTERM a checkpoint is saved and SystemExit(143) is raised.
+  Raises ConfigError (nothing written) when the config fails `check_config`, differs from the
+  workdir's, or the task refuses it; NonFiniteError when a loss/gradient becomes NaN/Inf (nothing after
+  the last good checkpoint is saved). On SIGTERM or SIGINT a checkpoint is saved and SystemExit(143
+  or 130) is raised; a second SIGINT raises KeyboardInterrupt at once.
   """
   tc = config.train
   num_steps = int(tc.num_steps)
-  mesh = sharding.make_mesh(config.mesh)
-  check_or_write_config(workdir, config)
-  run = setup(config, mesh)
+  try:    # every check before the workdir is touched: a refused start leaves it as it was
+    mesh = check_config(config)
+    check_config_compatible(workdir, config)
+    run = setup(config, mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  write_config(workdir, config)
   task = run.task
   ckpt = Checkpointer(workdir, keep=int(tc.keep_checkpoints))
   data = task.train_data(jax.process_index(), jax.process_count())
@@ -352,9 +397,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
     writers.log(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
                 f"mesh {dict(mesh.shape)}")
 
-  writer = writers.MetricWriter(workdir)
+  writer = writers.MetricWriter(workdir, resume_step=start)   # 0: a fresh start drops everything
   progress = writers.Progress(start, num_steps, int(tc.log_every))
-  sigterm = _Sigterm()
+  stop = _StopSignals()
 
   def every(n, step):
     return n and step % n == 0
@@ -391,19 +436,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
       state, metrics = run.step(state, batch)
       settle()
       pending = (step, metrics)
-      if every(tc.checkpoint_every, step) or step == num_steps or sigterm.received:
+      if every(tc.checkpoint_every, step) or step == num_steps or stop.received:
         settle()
         ckpt.save(state, data.get_state())
-      if sigterm.received:
+      if stop.received:
         ckpt.wait()
-        writers.log(f"SIGTERM: saved checkpoint at step {step} in {ckpt.directory}; exiting")
-        raise SystemExit(143)
+        writers.log(f"{stop.name}: saved checkpoint at step {step} in {ckpt.directory}; exiting")
+        raise SystemExit(128 + stop.received)     # 143 for SIGTERM, 130 for SIGINT
       if step < num_steps:
         hooks(step, final=False)
     settle()
     hooks(num_steps, final=True)
   finally:
-    sigterm.restore()
+    stop.restore()
     progress.close()
     writer.close()
     ckpt.wait()

@@ -15,17 +15,43 @@ import jax
 import numpy as np
 
 
-class MetricWriter:
-  """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard events."""
+def replace_atomically(path: str, write) -> None:
+  """Calls write(tmp) for a temporary file next to `path` (same extension), then renames it to
+  `path`: a reader, or a run killed midway, never sees a half-written file."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{ext}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):     # write failed: the old file (if any) stands
+      os.remove(tmp)
 
-  def __init__(self, workdir: str):
+
+class MetricWriter:
+  """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard events.
+
+  resume_step: the step a resumed run restarts from. Rows logged after it (by the interrupted run,
+  past its last checkpoint) are dropped from metrics.jsonl, and TensorBoard is told to purge its
+  events from step resume_step + 1 on (`purge_step`), so neither holds a step twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     from tensorboardX import SummaryWriter  # writes event files without TensorFlow
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      replace_atomically(path, lambda tmp: open(tmp, "w").writelines(kept))
+    self._jsonl = open(path, "a")
+    # The suffix keeps a resumption within the same second from overwriting the last event file
+    # (tensorboardX names files by the second).
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=f".{time.time_ns()}",
+                             purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self._active or not metrics:

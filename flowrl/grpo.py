@@ -83,6 +83,9 @@ def choose_steps(key: jax.Array, sde_mask: jax.Array, num_train: int) -> jax.Arr
   return jax.lax.top_k(scores, num_train)[1].astype(jnp.int32)
 
 
+WINDOW_KINDS = ("sliding", "random")
+
+
 def window_start(iteration, key: jax.Array, *, num_positions: int, kind: str, every: int = 1):
   """Where an SDE window of fixed size starts at this iteration: int32 [] in [0, num_positions).
 
@@ -93,7 +96,7 @@ def window_start(iteration, key: jax.Array, *, num_positions: int, kind: str, ev
     return (jnp.asarray(iteration) // every % num_positions).astype(jnp.int32)
   if kind == "random":
     return jax.random.randint(key, (), 0, num_positions, jnp.int32)
-  raise ValueError(f"window kind must be 'sliding' or 'random'; got {kind!r}")
+  raise ValueError(f"window kind must be one of {WINDOW_KINDS}; got {kind!r}")
 
 
 def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advantages_B: jax.Array,

@@ -55,7 +55,19 @@ def num_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return length, max(1, round(float(gc.timestep_fraction) * length))
 
 
-@registry.register("flow_grpo")
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The GRPO fields (and the base run's) with a fixed set or range of values, before anything is
+  built or trained."""
+  sde_methods = tuple(m for m in samplers.METHODS if m != "ode")
+  registry.check_choices(config, {"grpo.sampler": sde_methods, "grpo.window_kind": grpo.WINDOW_KINDS,
+                                  "grpo.reward": rewards.REWARDS})
+  num_train_steps(config)
+  if int(config.grpo.updates_per_batch) < 1:
+    raise ValueError(f"config.grpo.updates_per_batch={config.grpo.updates_per_batch}; expected >= 1")
+  flow_task.check_config(config.base)
+
+
+@registry.register("flow_grpo", check=check_config)
 def build(config: ml_collections.ConfigDict) -> train.Task:
   gc = config.grpo
   model, base_params, base_config = base_model(config)

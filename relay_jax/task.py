@@ -16,7 +16,7 @@ import numpy as np
 from core import data, registry, train
 from relay_jax import block, objectives, sample, sudoku, unmask
 from relay_jax import code_data, sudoku_data
-from relay_jax.model import RelayTransformer
+from relay_jax.model import RELAY_POSITIONS, RelayTransformer
 
 SUDOKU_MASK, SUDOKU_VOCAB = 0, 10
 
@@ -103,7 +103,18 @@ def sudoku_metrics(grids_Nx81, solutions_Nx81, nfe_N) -> dict[str, float]:
           "nfe": float(np.mean(nfe_N))}
 
 
-@registry.register("relay_sudoku")
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Both Relay tasks' fields with a fixed set of values (before anything is built)."""
+  registry.check_choices(config, {"relay.objective": objectives.OBJECTIVES,
+                                  "relay.positions": RELAY_POSITIONS})
+
+
+def check_sudoku_config(config: ml_collections.ConfigDict) -> None:
+  check_config(config)
+  registry.check_choices(config, {"data.config": tuple(data.config_names("sudoku"))})
+
+
+@registry.register("relay_sudoku", check=check_sudoku_config)
 def build_sudoku(config: ml_collections.ConfigDict) -> train.Task:
   model = build_model(config, SUDOKU_VOCAB, SUDOKU_MASK)
   loss, init_carry = make_loss(config, plain_apply(model), SUDOKU_MASK, 81)
@@ -162,7 +173,12 @@ def code_token_accuracy(config, model, params, tokens_NxL, tau) -> dict[str, flo
           "nfe_per_block": float(np.mean(nfe) / (num_blocks - 1))}
 
 
-@registry.register("relay_code")
+def check_code_config(config: ml_collections.ConfigDict) -> None:
+  check_config(config)
+  code_shape(config)
+
+
+@registry.register("relay_code", check=check_code_config)
 def build_code(config: ml_collections.ConfigDict) -> train.Task:
   num_blocks, block_size = code_shape(config)
   vocab, mask_id = code_data.VOCAB_SIZE + 1, code_data.MASK_ID

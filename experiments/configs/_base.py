@@ -2,6 +2,9 @@
 
 Presets: `smoke` (seconds: tests and notebooks), `cpu` (the CPU-scale reproduction, minutes), `paper`
 (the paper's architecture and hyper-parameters, for GPUs).
+
+A config module may declare `VARIANTS` (the first is the default): its argument is then
+`preset[,variant]`, e.g. `cpu,image_crops`; `parse_arg` checks both parts.
 """
 import ml_collections
 
@@ -12,6 +15,26 @@ def check_preset(preset: str) -> str:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
   return preset
+
+
+def parse_arg(arg: str, variants: tuple[str, ...] = ()) -> tuple[str, str]:
+  """'preset[,variant]' -> (preset, variant): variant is variants[0] when omitted, '' with none."""
+  preset, comma, variant = arg.partition(",")
+  check_preset(preset)
+  if not variants:
+    if comma:
+      raise ValueError(f"{arg!r}: this config has no variants; valid presets: {', '.join(PRESETS)}")
+    return preset, ""
+  variant = variant or variants[0]
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(variants)} "
+                     f"(default {variants[0]})")
+  return preset, variant
+
+
+def config_args(variants: tuple[str, ...] = ()) -> list[str]:
+  """Every argument a config with these variants accepts, the default variant left implicit."""
+  return [p if i == 0 else f"{p},{v}" for i, v in enumerate(variants or ("",)) for p in PRESETS]
 
 
 def base(preset: str) -> ml_collections.ConfigDict:

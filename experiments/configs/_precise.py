@@ -12,26 +12,17 @@ import ml_collections
 
 from experiments.configs import _base
 
-SAMPLER_DEFAULTS = {
+SAMPLER_DEFAULTS = {     # precise first: the configs' default variant
+    "precise": {"eta": 1.5, "clip_range": 4e-6, "beta": 0.0, "timestep_fraction": 0.99,
+                "same_noise": False},
     "flow_grpo": {"eta": 0.7, "clip_range": 1e-4, "beta": 0.04, "timestep_fraction": 0.99,
                   "same_noise": False},
     "dance": {"eta": 0.3, "clip_range": 1e-4, "beta": 0.0, "timestep_fraction": 0.6, "same_noise": True},
     "cps": {"eta": 0.8, "clip_range": 1e-4, "beta": 0.04, "timestep_fraction": 0.99, "same_noise": False},
-    "precise": {"eta": 1.5, "clip_range": 4e-6, "beta": 0.0, "timestep_fraction": 0.99,
-                "same_noise": False},
     "dance_precise": {"eta": 0.3, "clip_range": 4e-6, "beta": 0.0, "timestep_fraction": 0.99,
                       "same_noise": False},
 }
 SAMPLERS = tuple(SAMPLER_DEFAULTS)
-
-
-def parse(arg: str) -> tuple[str, str]:
-  """'preset[,sampler]' -> (preset, sampler); the sampler defaults to precise."""
-  preset, _, sampler = arg.partition(",")
-  sampler = sampler or "precise"
-  if sampler not in SAMPLER_DEFAULTS:
-    raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-  return _base.check_preset(preset), sampler
 
 
 def grpo_config(preset: str, sampler: str, base: ml_collections.ConfigDict,

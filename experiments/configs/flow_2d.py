@@ -4,8 +4,6 @@
 """
 from experiments.configs import _base
 
-PRESETS = _base.PRESETS
-
 
 def get_config(preset: str = "cpu"):
   c = _base.base(preset)

@@ -6,15 +6,11 @@ Preset: `smoke | cpu | paper`, optionally `,image_crops` for the photograph crop
 """
 from experiments.configs import _base
 
-DATASETS = ("digits", "image_crops")
-PRESETS = tuple(p if d == "digits" else f"{p},{d}" for d in DATASETS for p in _base.PRESETS)
+VARIANTS = ("digits", "image_crops")     # the dataset
 
 
 def get_config(arg: str = "cpu"):
-  preset, _, dataset = arg.partition(",")
-  dataset = dataset or "digits"
-  if dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+  preset, dataset = _base.parse_arg(arg, VARIANTS)
   c = _base.base(preset)
   c.task = "flow_matching"
   if dataset == "digits":   # 16x16x1, 10 classes; label dropout trains the null class for CFG

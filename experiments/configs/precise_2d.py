@@ -6,11 +6,11 @@ The base model is flow_2d's run in runs/tables/flow_2d_<preset> (trained first w
 """
 from experiments.configs import _base, _precise, flow_2d
 
-PRESETS = _base.PRESETS
+VARIANTS = _precise.SAMPLERS     # the sampler, precise by default
 
 
 def get_config(arg: str = "cpu"):
-  preset, sampler = _precise.parse(arg)
+  preset, sampler = _base.parse_arg(arg, VARIANTS)
   c = _precise.grpo_config(preset, sampler, flow_2d.get_config(preset), "flow_2d")
   c.grpo.update({"reward": "outer_ring", "group_size": 16, "eval_size": 1024,
                  "lora_patterns": ["block_\\d+/fc"]})

@@ -7,11 +7,11 @@ the policy is a LoRA of its attention and MLP layers (Flow-GRPO: rank 32, alpha 
 """
 from experiments.configs import _base, _precise, flow_images
 
-PRESETS = _base.PRESETS
+VARIANTS = _precise.SAMPLERS     # the sampler, precise by default
 
 
 def get_config(arg: str = "cpu"):
-  preset, sampler = _precise.parse(arg)
+  preset, sampler = _base.parse_arg(arg, VARIANTS)
   c = _precise.grpo_config(preset, sampler, flow_images.get_config(preset), "digits")
   c.grpo.update({"reward": "digit_logprob", "group_size": 8, "eval_size": 200, "lora_rank": 8,
                  "lora_alpha": 16.0, "lora_patterns": ["block_\\d+/(attn|mlp)/"]})

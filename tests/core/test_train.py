@@ -222,3 +222,33 @@ def test_carry_is_threaded_sharded_not_differentiated_and_checkpointed(tmp_path,
   restored, _ = ckpt.restore(2, run.abstract_state, run.shardings)
   ckpt.close()
   np.testing.assert_array_equal(np.asarray(restored.carry["acc"]), np.asarray(state.carry["acc"]))
+
+
+def test_first_ctrl_c_asks_the_loop_to_stop_and_a_second_aborts():
+  import signal
+  import time
+  before = signal.getsignal(signal.SIGINT)
+  stop = train._StopSignals()
+  try:
+    assert stop.received is None
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)                         # the handler runs in the main thread, between bytecodes
+    assert stop.received == signal.SIGINT and stop.name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_bad_config_is_refused_before_the_workdir_exists(tmp_path):
+  config = _flow_2d_config()
+  config.flow.time_kind = "logit"
+  with pytest.raises(train.ConfigError, match=r"config.flow.time_kind='logit'; expected one of"):
+    train.train(config, str(tmp_path / "run"))
+  config = _flow_2d_config()
+  config.train.global_batch_size = 12                  # 8 fake devices
+  with pytest.raises(train.ConfigError, match="global batch size 12 is not divisible by the 8"):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -20,6 +20,56 @@ def test_metric_writer_appends_jsonl_and_tensorboard(tmp_path):
   assert events and events[0].startswith("events.out.tfevents")
 
 
+def _tensorboard_events(logdir):
+  """Every Event proto in logdir's event files, in file order (TFRecord framing: length, crc, data,
+  crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      events.append(event)
+      i += 12 + n + 4
+  return events
+
+
+def test_resumed_writer_drops_rows_after_the_restored_step_and_purges_tensorboard(tmp_path):
+  w = writers.MetricWriter(str(tmp_path))
+  for step in range(1, 11):
+    w.write(step, {"train/loss": 1.0 / step})
+  w.close()
+  w = writers.MetricWriter(str(tmp_path), resume_step=6)    # the run restarts from step 6's checkpoint
+  for step in range(7, 9):
+    w.write(step, {"train/loss": 2.0})
+  w.close()
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert [r["train/loss"] for r in rows[6:]] == [2.0, 2.0]
+  # TensorBoard hides the first file's events from step 7 on once it reads the purge marker.
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  purges = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
+  assert purges == [7]
+  assert sorted(e.step for e in events if e.HasField("summary")) == sorted([*range(1, 11), 7, 8])
+
+
+def test_replace_atomically_leaves_no_partial_file(tmp_path):
+  path = str(tmp_path / "x.npy")
+  writers.replace_atomically(path, lambda p: np.save(p, np.arange(3)))
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+  def fail(p):
+    open(p, "w").write("half")
+    raise OSError("disk full")
+  with pytest.raises(OSError):
+    writers.replace_atomically(path, fail)
+  np.testing.assert_array_equal(np.load(path), np.arange(3))     # the old file stands
+  assert os.listdir(tmp_path) == ["x.npy"]
+
+
 def test_image_grid_places_each_image(tmp_path, rng):
   x = rng.uniform(-1, 1, size=(5, 4, 6, 3)).astype(np.float32)
   writers.save_image_grid(x, str(tmp_path / "g.png"), ncol=3)

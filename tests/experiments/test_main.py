@@ -27,11 +27,10 @@ def _run(config, workdir, *overrides, timeout=600):
 
 
 def _smoke_specs():
-  for path in main_cli.available_configs():
-    module = main_cli.load_config_module(path)
-    for preset in getattr(module, "PRESETS", ("smoke",)):
-      if preset.split(",")[0] == "smoke":
-        yield f"{path}:{preset}"
+  """Every config's smoke preset (its default variant) and every variant a shared run trains; the
+  other variants' configs are checked in test_every_preset_and_variant_resolves_and_passes_checks."""
+  specs = [f"{path}:smoke" for path in main_cli.available_configs()]
+  return specs + sorted(set(SHARED_RUNS.values()) - set(specs))
 
 
 @pytest.mark.slow
@@ -113,17 +112,24 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   import jax
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The rows the killed run logged after its last checkpoint were dropped on resume: the log is the
+  # uninterrupted run's, row for row (windows of log_every = 4 steps align with the checkpoints).
+  rows = lambda w: [json.loads(l) for l in open(w / "metrics.jsonl")]
+  assert rows(killed) == rows(straight)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exiting(sig, status, tmp_path):
   proc = _start(tmp_path, LONG)
   seen = _wait_for_checkpoint(proc, tmp_path, 20)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err[-3000:]
-  assert "SIGTERM: saved checkpoint at step" in out
-  saved = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+  assert proc.returncode == status, err[-3000:]
+  assert "Traceback" not in err
+  name = signal.Signals(sig).name
+  assert f"{name}: saved checkpoint at step" in out
+  saved = int(out.split(f"{name}: saved checkpoint at step ")[1].split()[0])
   assert saved >= seen and str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
@@ -132,6 +138,11 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     ([f"--config={FLOW_2D}:huge"], "valid presets: smoke, cpu, paper"),
     ([f"--config={FLOW_2D}:smoke", "--config.train.nmu_steps=3"], "valid fields of train: "),
     ([f"--config={FLOW_2D}:smoke", "--config.modle.width=3"], "valid fields of config: "),
+    ([f"--config={FLOW_2D}:smoke", "--config.train.num_steps=abc"], "expected int like 12"),
+    ([f"--config={FLOW_2D}:smoke", "--config.optim.lr=fast"], "expected float like"),
+    ([f"--config={FLOW_2D}:smoke,big"], "this config has no variants"),
+    (["--config=experiments/configs/precise_2d.py:smoke,precis"],
+     "valid variants: precise, flow_grpo, dance, cps, dance_precise"),
 ])
 def test_bad_config_gives_one_line_listing_choices(args, expected, tmp_path):
   r = subprocess.run([sys.executable, "-m", "experiments.main", *args, f"--workdir={tmp_path}"],
@@ -144,6 +155,65 @@ def test_bad_config_gives_one_line_listing_choices(args, expected, tmp_path):
 @pytest.mark.slow
 def test_incompatible_workdir_is_refused(tmp_path):
   assert _run(f"{FLOW_2D}:smoke", tmp_path, "--config.train.num_steps=2").returncode == 0
+  before = (tmp_path / "config.json").read_text()
   r = _run(f"{FLOW_2D}:smoke", tmp_path, "--config.train.num_steps=4", "--config.model.depth=3")
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert "incompatible config" in r.stderr and "model.depth (2 -> 3)" in r.stderr
+  assert (tmp_path / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("spec, overrides, expected", [
+    ("relay_sudoku.py:smoke", ["--config.relay.objective=relayy"],
+     "config.relay.objective='relayy'; expected one of mlm, rollout, relay, relay_sg"),
+    ("flow_2d.py:smoke", ["--config.train.global_batch_size=12"],
+     "global batch size 12 is not divisible by the 8 batch shards"),
+    ("flow_images.py:smoke", ["--config.flow.time_kind=logit"], "config.flow.time_kind='logit'"),
+    ("precise_2d.py:smoke", ["--config.grpo.window_kind=slide"], "config.grpo.window_kind='slide'"),
+])
+def test_bad_values_are_refused_before_the_workdir_is_touched(spec, overrides, expected, tmp_path):
+  """One line, exit 2, and no workdir: the corrected command then starts cleanly."""
+  env = {**cli_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  r = subprocess.run(_cmd(f"experiments/configs/{spec}", tmp_path / "run", *overrides), cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0], r.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_every_config_preset_and_variant():
+  r = subprocess.run([sys.executable, "-m", "experiments.main", "--help"], cwd="/", env=cli_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  for path in main_cli.available_configs():
+    assert path in r.stdout
+    for variant in main_cli.variants(main_cli.load_config_module(path)):
+      assert variant in r.stdout
+  assert "smoke | cpu | paper" in r.stdout and "--dry_run" in r.stdout
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
+  r = subprocess.run(_cmd("experiments/configs/precise_2d.py:smoke,flow_grpo", tmp_path / "run",
+                          "--config.train.num_steps=7", "--dry_run"), cwd=tmp_path, env=cli_env(),
+                     capture_output=True, text=True, timeout=120)     # from outside the repository
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "sampler: flow_grpo" in r.stdout and "num_steps: 7" in r.stdout and "eta: 0.7" in r.stdout
+  assert "config OK" in r.stdout and not (tmp_path / "run").exists()
+
+
+def test_every_preset_and_variant_resolves_and_passes_checks():
+  """get_config and the task's own checks for every `preset[,variant]` of every config; the sampler
+  variants carry their published recipes (the README's `precise_*.py:cpu,flow_grpo` commands)."""
+  import experiments.tasks  # noqa: F401
+  from core import registry
+  for path in main_cli.available_configs():
+    module = main_cli.load_config_module(path)
+    for arg in main_cli.config_args(module):
+      config = module.get_config(arg)
+      registry.check(config)
+      assert config.preset == arg.split(",")[0]
+  for name in ("precise_2d", "precise_digits"):
+    module = main_cli.load_config_module(f"experiments/configs/{name}.py")
+    assert module.get_config("cpu").grpo.sampler == "precise"
+    fg = module.get_config("cpu,flow_grpo").grpo
+    assert (fg.sampler, fg.eta, fg.clip_range) == ("flow_grpo", 0.7, 1e-4)

@@ -329,7 +329,7 @@ def test_configs_keep_the_published_sampler_recipes():
       assert module.get_config(f"{preset},dance").grpo.eta == 0.3
       assert 0.7 <= module.get_config(f"{preset},cps").grpo.eta <= 0.8
       assert fg.grpo.num_steps == 10
-  with pytest.raises(ValueError, match="unknown sampler"):
+  with pytest.raises(ValueError, match="unknown variant .ddpm.; valid variants: precise, flow_grpo"):
     precise_2d.get_config("smoke,ddpm")
   bad = precise_2d.get_config("smoke")
   bad.grpo.window_size = 10
