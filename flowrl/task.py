@@ -69,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 @registry.register("flow_grpo", check=check_config)
 def build(config: ml_collections.ConfigDict) -> train.Task:
+  check_config(config)          # also when built without the trainer (setup, restore_params)
   gc = config.grpo
   model, base_params, base_config = base_model(config)
   shape = flow_task.example_shape(base_config)
@@ -111,9 +112,7 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
                               every=int(gc.window_every))
     return samplers.window_mask(num_steps, (start, start + window))
 
-  updates = int(gc.updates_per_batch)
-  if updates < 1:
-    raise ValueError(f"config.grpo.updates_per_batch={updates}; expected >= 1")
+  updates = int(gc.updates_per_batch)      # >= 1 (check_config)
 
   def sample_batch(params, y_N, key, iteration):
     """Samples y_N.size // group groups with the (gradient-stopped) policy and their advantages:

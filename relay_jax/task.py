@@ -22,10 +22,8 @@ SUDOKU_MASK, SUDOKU_VOCAB = 0, 10
 
 
 def check_objective(config: ml_collections.ConfigDict) -> str:
-  objective = config.relay.objective
-  if objective not in objectives.OBJECTIVES:
-    raise ValueError(f"config.relay.objective={objective!r}; expected one of {objectives.OBJECTIVES}")
-  return objective
+  registry.check_choices(config, {"relay.objective": objectives.OBJECTIVES})
+  return config.relay.objective
 
 
 def uses_relay(config: ml_collections.ConfigDict) -> bool:
@@ -105,8 +103,8 @@ def sudoku_metrics(grids_Nx81, solutions_Nx81, nfe_N) -> dict[str, float]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Both Relay tasks' fields with a fixed set of values (before anything is built)."""
-  registry.check_choices(config, {"relay.objective": objectives.OBJECTIVES,
-                                  "relay.positions": RELAY_POSITIONS})
+  check_objective(config)
+  registry.check_choices(config, {"relay.positions": RELAY_POSITIONS})
 
 
 def check_sudoku_config(config: ml_collections.ConfigDict) -> None:
