@@ -86,7 +86,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 @registry.register("flow_matching", check=check_config)
-def build(config: ml_collections.ConfigDict) -> train.Task:
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
+  del workdir     # a flow_matching run needs no other run
   dc, fc, num_classes = config.data, config.flow, config.model.num_classes
   model = build_model(config)
   shape = example_shape(config)
@@ -127,31 +128,39 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
   labels = jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)
 
   def sample(params, step, workdir):
+    """Writes samples/step_<step>.{png,npy}; returns the picture as "grid" (TensorBoard)."""
     x = np.asarray(sampler(params, noise, labels))
+    if x.ndim == 4:     # images: one column per class, enlarged to >= 64 pixels a side
+      picture = writers.image_grid(x, ncol=max(num_classes, int(np.ceil(np.sqrt(n)))),
+                                   scale=max(1, -(-64 // x.shape[1])))
+    else:
+      picture = scatter_image(x, eval_batch["x"])
     out = os.path.join(workdir, "samples", f"step_{step:07d}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(out), exist_ok=True)
       # The PNG first: a run killed between the two leaves the .npy missing, never a lone .npy.
-      if x.ndim == 4:
-        ncol = max(num_classes, int(np.ceil(np.sqrt(n))))
-        writers.replace_atomically(out + ".png", lambda p: writers.save_image_grid(x, p, ncol=ncol))
-      else:
-        writers.replace_atomically(out + ".png", lambda p: save_scatter(x, eval_batch["x"], p))
+      writers.replace_atomically(out + ".png", lambda p: writers.save_image(picture, p))
       writers.replace_atomically(out + ".npy", lambda p: np.save(p, x))
-    return {}
+    return {"grid": picture}
 
   return train.Task(init_params=init_params, loss=loss_batch, train_data=train_data,
                     evaluate=evaluate, sample=sample)
 
 
-def save_scatter(samples_Nx2: np.ndarray, data_Mx2: np.ndarray, path: str) -> None:
-  """Side-by-side scatter plots of model samples and held-out data points."""
+def scatter_image(samples_Nx2: np.ndarray, data_Mx2: np.ndarray) -> np.ndarray:
+  """Side-by-side scatter plots of model samples and held-out data points: uint8 [H, W, 3]."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure   # no pyplot: leaves a notebook's backend alone
-  fig = Figure(figsize=(8, 4))
+  fig = Figure(figsize=(8, 4), dpi=80)
+  canvas = FigureCanvasAgg(fig)
   axes = fig.subplots(1, 2, sharex=True, sharey=True)
-  for ax, pts, title in ((axes[0], samples_Nx2, "samples"), (axes[1], data_Mx2, "data")):
+  for ax, pts, title in ((axes[0], samples_Nx2, f"{len(samples_Nx2)} samples"),
+                         (axes[1], data_Mx2, f"{len(data_Mx2)} held-out data points")):
     ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
     ax.set_title(title)
+    ax.set_xlabel("x[0]")
     ax.set_aspect("equal")
+  axes[0].set_ylabel("x[1]")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()

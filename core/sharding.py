@@ -1,9 +1,13 @@
 """One device mesh for every run, parameter/batch shardings, a shard_map helper, multi-host start-up.
 
-Mesh axes are ("data", "fsdp", "model"). Parameters get *logical* axis names from path/shape rules
-(`PARAM_LOGICAL_AXES`), which `logical_axis_rules` maps onto mesh axes; arrays smaller than
-`min_fsdp_size` stay replicated (gathering them costs more than storing them). Batches shard their
-leading dimension over ("data", "fsdp"). `jax.jit` with these shardings is what pjit became.
+Mesh axes are ("data", "fsdp", "model"). Parameters carry *logical* axis names declared where the
+layer creates them (`core.nn.partitioning`, flax's `nn.with_logical_partitioning`); parameters
+without names get them from path/shape rules (`PARAM_LOGICAL_AXES`, the fallback). The config's
+`sharding.logical_axis_rules` map logical names onto mesh axes, for parameters and for the
+activations the layers constrain (`nn.with_logical_constraint`, active inside `mesh_context`); arrays
+smaller than `min_fsdp_size` stay replicated (gathering them costs more than storing them). Batches
+shard their leading dimension over ("data", "fsdp"). `jax.jit` with these shardings is what pjit
+became. Pallas kernels, which XLA cannot partition, run under `shard_kernel`.
 """
 from __future__ import annotations
 
@@ -29,13 +33,35 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)lora_b$", (None, "mlp")),
 )
 
-# logical axis -> mesh axis (or None = replicated along it).
-DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+# logical axis -> mesh axis, a tuple of them, or None (replicated along it). "embed" is a parameter's
+# model-width axis (FSDP shards it); activations are named "batch", "length", "heads", "mlp".
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
     ("vocab", "model"),
     ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
 )
+
+
+def axis_rules(config) -> tuple[tuple[str, Any], ...]:
+  """The config's `sharding.logical_axis_rules` (the defaults when absent), as flax expects them."""
+  shard = config.get("sharding") or {}
+  rules = shard.get("logical_axis_rules", DEFAULT_LOGICAL_AXIS_RULES)
+  return tuple((str(name), tuple(axis) if isinstance(axis, (list, tuple)) else axis)
+               for name, axis in rules)
+
+
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_AXIS_RULES):
+  """`jax.set_mesh(mesh)` and flax's logical axis rules: under it, jitted code sees the mesh (for
+  `shard_kernel`) and the layers' activation constraints take effect."""
+  import contextlib
+  from flax import linen as nn
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(tuple(rules)))
+  return stack
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -84,8 +110,29 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
-def logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...]:
-  """Logical axis names of a parameter from `PARAM_LOGICAL_AXES`; all None when no rule matches."""
+def declared_axes(params: Any) -> dict[str, tuple[str | None, ...]]:
+  """{parameter path: logical axis names} of the parameters a layer declared names for (boxed by
+  `nn.with_logical_partitioning`; abstract or concrete)."""
+  from flax import linen as nn
+  specs = nn.get_partition_spec(params)
+  out = {}
+  for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    if isinstance(spec, P) and len(spec):
+      out[_path_str(path)] = tuple(spec)
+  return out
+
+
+def logical_axes(path: str, shape: Sequence[int],
+                 declared: Mapping[str, tuple[str | None, ...]] | None = None) -> tuple[str | None, ...]:
+  """Logical axis names of a parameter-shaped array: the names its layer declared (`declared`, by
+  parameter path; an optimiser-state leaf's path ends with its parameter's path), else the first
+  matching `PARAM_LOGICAL_AXES` rule (the fallback), else all None."""
+  best = None
+  for name, axes in (declared or {}).items():
+    if len(axes) == len(shape) and (path == name or path.endswith("/" + name)):
+      best = max(best or "", name, key=len)
+  if best is not None:
+    return tuple(declared[best])
   for pattern, axes in PARAM_LOGICAL_AXES:
     if len(axes) == len(shape) and re.search(pattern, path):
       return axes
@@ -93,33 +140,38 @@ def logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...]:
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, *, min_fsdp_size: int = 2**14,
-             rules: Sequence[tuple[str, str | None]] = DEFAULT_LOGICAL_AXIS_RULES) -> P:
+             rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_AXIS_RULES,
+             declared: Mapping[str, tuple[str | None, ...]] | None = None) -> P:
   """PartitionSpec of one parameter-shaped array.
 
-  A mesh axis is used only if it divides the dimension and has size > 1, and each mesh axis at most
-  once; arrays with fewer than `min_fsdp_size` elements are replicated.
+  A mesh axis (or tuple of them) is used only if it divides the dimension and is larger than 1, and
+  each mesh axis at most once; arrays with fewer than `min_fsdp_size` elements are replicated.
   """
   if int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
     return P()
   table = dict(rules)
   used, spec = set(), []
-  for dim, name in zip(shape, logical_axes(path, shape)):
+  for dim, name in zip(shape, logical_axes(path, shape, declared)):
     axis = table.get(name) if name is not None else None
-    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+    if not axes or used & set(axes) or size == 1 or dim % size:
       spec.append(None)
     else:
       spec.append(axis)
-      used.add(axis)
+      used.update(axes)
   return P(*spec)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, *, min_fsdp_size: int = 2**14,
-                   rules: Sequence[tuple[str, str | None]] = DEFAULT_LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for every array of a (possibly abstract) pytree, by path and shape."""
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_AXIS_RULES,
+                   declared: Mapping[str, tuple[str | None, ...]] | None = None) -> Any:
+  """NamedShardings for every array of a (possibly abstract) pytree, by path and shape; `declared`
+  (`declared_axes` of the parameters) takes precedence over the path rules."""
   def one(path, leaf):
     shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, spec_for(_path_str(path), shape, mesh,
-                                        min_fsdp_size=min_fsdp_size, rules=rules))
+    return NamedSharding(mesh, spec_for(_path_str(path), shape, mesh, min_fsdp_size=min_fsdp_size,
+                                        rules=rules, declared=declared))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -151,22 +203,44 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                       local_batch)
 
 
-def shard_map(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
-  """`jax.shard_map` for kernels that XLA cannot partition (Pallas calls).
+def shard_kernel(fn: Callable, args: Sequence[jax.Array], dims: Sequence[tuple[str | None, ...]],
+                 out_dims: tuple[str | None, ...]) -> jax.Array:
+  """fn(*args) for a kernel XLA cannot partition (a Pallas call), under `jax.shard_map` over the mesh
+  in context (`jax.set_mesh`, as `mesh_context` sets it), so each device runs it on its own shard.
 
-  Typical specs: `batch_spec(4, head_axis=2)` for [B, N, H, D] attention inputs. The varying-manual-axes
-  check is off because Pallas calls carry no vma annotations.
+  dims: per argument, one entry per dimension: "batch" (split over the batch axes ("data", "fsdp")),
+  "heads" (split over "model"), or "length" or None (whole on every device: a kernel reduces over
+  its tokens); out_dims likewise for the output.
+  An axis that does not divide its dimension is left whole (correct, merely redundant). Without a
+  mesh in context, or on a one-device mesh, fn(*args) is called as it is.
   """
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  mesh_axes = {"batch": BATCH_AXES, "heads": ("model",), "length": ()}
+  sizes = dict(mesh.shape)
 
+  def fits(name, size):
+    axes = mesh_axes[name] if name is not None else ()
+    n = int(np.prod([sizes.get(a, 1) for a in axes], dtype=np.int64))
+    return bool(axes) and n > 1 and size % n == 0
 
-def batch_spec(ndim: int, *, head_axis: int | None = None) -> P:
-  """PartitionSpec that splits dim 0 over the batch axes and, optionally, `head_axis` over "model"."""
-  spec = [None] * ndim
-  spec[0] = BATCH_AXES
-  if head_axis is not None:
-    spec[head_axis] = "model"
-  return P(*spec)
+  # A logical dim is split only where it divides every array that carries it (their shards must
+  # agree): batch and heads are the same sizes in the inputs and the output of a kernel.
+  names = {n for d in (*dims, out_dims) for n in d if n is not None}
+  unknown = names - set(mesh_axes)
+  if unknown:
+    raise ValueError(f"shard_kernel: unknown dims {sorted(unknown)}; expected 'batch', 'heads', 'length' or None")
+  extent = {n: [a.shape[i] for a, d in zip(args, dims) for i, m in enumerate(d) if m == n] for n in names}
+  split = {n for n in names if all(fits(n, e) for e in extent[n])}
+
+  def spec(d):
+    return P(*[(mesh_axes[n] if len(mesh_axes[n]) > 1 else mesh_axes[n][0]) if n in split else None
+               for n in d])
+
+  # check_vma off: Pallas calls carry no varying-manual-axes annotations.
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(d) for d in dims),
+                       out_specs=spec(out_dims), check_vma=False)(*args)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -14,10 +14,12 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -53,8 +55,10 @@ class Task:
   loss: (params in the compute dtype, batch of global arrays, key) -> (scalar loss, {name: scalar}).
   train_data: (process_index, process_count) -> iterator of this host's numpy batch slices with
     `get_state() -> dict` and `set_state(dict)` (e.g. `core.data.pipeline.BatchIterator`).
-  evaluate / sample: (params, step, workdir) -> {name: scalar}; called with the EMA parameters every
-    `train.eval_every` / `train.sample_every` steps and at the end. `sample` writes files (grids).
+  evaluate / sample: (params, step, workdir) -> {name: scalar, or uint8 [H, W, 1 | 3] image}; called
+    with the EMA parameters every `train.eval_every` / `train.sample_every` steps and at the end (and
+    by `evaluate_checkpoint`). Scalars go to metrics.jsonl and TensorBoard, images to TensorBoard;
+    `sample` also writes its files (grids) under the workdir.
   trainable: params -> pytree of bools, True where the optimiser may update (LoRA, frozen towers).
   init_carry: key -> pytree of global arrays whose leading dim is the global batch: state a task keeps
     from one step to the next (Relay's rollout buffer), checkpointed with the train state and sharded
@@ -133,9 +137,15 @@ def cast_floating(tree: PyTree, dtype) -> PyTree:
 # State and step
 
 
+def init_params(task: Task, key: jax.Array) -> PyTree:
+  """The task's parameters with the layers' logical-axis boxes removed (`sharding.declared_axes`
+  reads the names from the boxed tree)."""
+  return meta.unbox(task.init_params(key))
+
+
 def init_state(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
   init_key, state_key, carry_key = jax.random.split(key, 3)
-  params = task.init_params(init_key)
+  params = init_params(task, init_key)
   carry = {} if task.init_carry is None else task.init_carry(carry_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params, rng=state_key, carry=carry)
@@ -171,17 +181,39 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   return step_fn
 
 
-def jit_train_step(step_fn: Callable, state_shardings: PyTree, mesh) -> Callable:
-  """The sharded step: explicit in/out shardings, state donated (this is what pjit became)."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+def in_mesh(fn: Callable, mesh, rules) -> Callable:
+  """fn called under `sharding.mesh_context(mesh, rules)`: traced (and run) with the mesh set, so
+  `shard_kernel` and the layers' activation constraints see it."""
+  def wrapped(*args, **kwargs):
+    with sharding.mesh_context(mesh, rules):
+      return fn(*args, **kwargs)
+  wrapped.lower = lambda *a, **k: _lower_in_mesh(fn, mesh, rules, *a, **k)
+  return wrapped
 
 
-def state_shardings(abstract_state: TrainState, mesh, config: ml_collections.ConfigDict) -> PyTree:
+def _lower_in_mesh(fn, mesh, rules, *args, **kwargs):
+  with sharding.mesh_context(mesh, rules):
+    return fn.lower(*args, **kwargs)
+
+
+def jit_train_step(step_fn: Callable, state_shardings: PyTree, mesh,
+                   rules=sharding.DEFAULT_LOGICAL_AXIS_RULES) -> Callable:
+  """The sharded step: explicit in/out shardings, state donated (this is what pjit became), run
+  under the mesh (`in_mesh`)."""
+  return in_mesh(jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)),
+                         donate_argnums=(0,)), mesh, rules)
+
+
+def state_shardings(abstract_state: TrainState, mesh, config: ml_collections.ConfigDict,
+                    declared: Mapping[str, tuple] | None = None) -> PyTree:
+  """Shardings of the train state: each parameter (and its optimiser moments and EMA) by the logical
+  names its layer declared (`declared`, from `sharding.declared_axes`), else by the path rules; the
+  carry like the batch."""
   shard = config.get("sharding", ml_collections.ConfigDict())
-  rules = tuple(tuple(r) for r in shard.get("logical_axis_rules", sharding.DEFAULT_LOGICAL_AXIS_RULES))
   shardings = sharding.tree_shardings(abstract_state, mesh,
-                                      min_fsdp_size=int(shard.get("min_fsdp_size", 2**14)), rules=rules)
+                                      min_fsdp_size=int(shard.get("min_fsdp_size", 2**14)),
+                                      rules=sharding.axis_rules(config), declared=declared)
   carry = jax.tree.map(lambda a: sharding.batch_sharding(mesh) if a.ndim else sharding.replicated(mesh),
                        abstract_state.carry)
   return shardings.replace(carry=carry)
@@ -197,18 +229,28 @@ class Setup:
   step: Callable
 
 
-def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None) -> Setup:
+def build_task(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task:
+  """The registered task `config.task`, built for a run in `workdir` (a task's paths that are relative,
+  such as GRPO's base run, are relative to it)."""
+  return registry.get(config.task)(config, workdir)
+
+
+def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None,
+          workdir: str | None = None) -> Setup:
   """Builds the task (from `config.task` unless given), optimiser, state shardings and jitted step."""
-  task = task or registry.get(config.task)(config)
-  abstract_params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  task = task or build_task(config, workdir)
+  boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  abstract_params = meta.unbox(boxed)
   trainable = None if task.trainable is None else task.trainable(abstract_params)
   tx, schedule = make_optimizer(config.optim, int(config.train.num_steps), trainable)
   init_fn = lambda key: init_state(task, tx, key)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  shardings = state_shardings(abstract, mesh, config)
+  shardings = state_shardings(abstract, mesh, config, sharding.declared_axes(boxed))
+  rules = sharding.axis_rules(config)
   return Setup(task=task, abstract_state=abstract, shardings=shardings,
-               init=jax.jit(init_fn, out_shardings=shardings),
-               step=jit_train_step(make_train_step(task, tx, schedule, config), shardings, mesh))
+               init=in_mesh(jax.jit(init_fn, out_shardings=shardings), mesh, rules),
+               step=jit_train_step(make_train_step(task, tx, schedule, config), shardings, mesh,
+                                   rules))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,26 +258,49 @@ def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None) -> 
 
 
 class Checkpointer:
-  """orbax CheckpointManager of {state, data-iterator state} under `workdir/checkpoints`."""
+  """orbax CheckpointManager of {state, data-iterator state, run meta} under `workdir/checkpoints`.
 
-  def __init__(self, workdir: str, keep: int):
+  meta: {"train_seconds": wall-clock seconds the loop has trained up to this step}. create=False opens
+  an existing directory for reading only.
+  """
+
+  def __init__(self, workdir: str, keep: int = 1_000_000, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"no checkpoints in {workdir} ({self.directory} does not exist)")
     self._mngr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, state: TrainState, data_state: Mapping[str, Any]) -> None:
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, state: TrainState, data_state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     self._mngr.save(int(state.step), force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))))
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+        meta=ocp.args.JsonSave(dict(meta))))
 
   def restore(self, step: int, abstract_state: TrainState, shardings: PyTree):
+    """(state placed by `shardings`, data-iterator state, meta) of checkpoint `step`."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
     out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out["state"], out["data"], out["meta"]
+
+  def restore_saved(self, step: int):
+    """The state of checkpoint `step` as saved (a dict of its fields), on this process's first device:
+    the shapes come from the checkpoint's metadata, so nothing needs to be built first."""
+    saved = self._mngr.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    return self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -304,22 +369,42 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (for notebooks and evaluation scripts)."""
-  with open(os.path.join(workdir, "config.json")) as f:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} is not a run directory: it has no config.json")
+  with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_params(workdir: str, *, ema: bool = True, step: int | None = None):
-  """(params, config, task) from a workdir's latest (or given) checkpoint, on one device."""
-  config = load_config(workdir)
-  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  run = setup(config, mesh)
-  ckpt = Checkpointer(workdir, keep=1_000_000)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
+  """`step` if the workdir has that checkpoint, else its latest when `step` is None; FileNotFoundError
+  naming the steps there otherwise."""
+  steps = ckpt.all_steps()
+  if not steps:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  state, _ = ckpt.restore(step, run.abstract_state, run.shardings)
-  ckpt.close()
-  return (state.ema_params if ema else state.params), config, run.task
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt.directory}; saved steps: "
+                            f"{', '.join(map(str, sorted(steps)))}")
+  return step
+
+
+def restore_params(workdir: str, *, ema: bool = True, step: int | None = None):
+  """(params, config) of a workdir's latest (or given) checkpoint, on one device.
+
+  Reads only `config.json` and the checkpoint: nothing is built (no data, no base run) or trained,
+  so it works from any directory and for any task. `params` is the parameter pytree as the task's
+  `init_params` made it (EMA parameters unless ema=False); build the network with the method's
+  `build_model(config)` (e.g. `core.flow_task`, `relay_jax.task`).
+  """
+  config = load_config(workdir)
+  ckpt = Checkpointer(workdir, create=False)
+  try:
+    state = ckpt.restore_saved(checkpoint_step(ckpt, step))
+  finally:
+    ckpt.close()
+  return state["ema_params" if ema else "params"], config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,20 +445,53 @@ def _check_finite(step: int, metrics: Mapping[str, float], ckpt: Checkpointer) -
                          f"{where}")
 
 
+def _split_outputs(prefix: str, out: Mapping[str, Any] | None):
+  """A hook's outputs -> ({prefix/name: float} scalars, {prefix/name: uint8 image})."""
+  scalars, images = {}, {}
+  for k, v in (out or {}).items():
+    if np.ndim(v) == 3:
+      images[f"{prefix}/{k}"] = np.asarray(v)
+    else:
+      scalars[f"{prefix}/{k}"] = float(v)
+  return scalars, images
+
+
+def run_hooks(task: Task, params: PyTree, step: int, workdir: str, writer: writers.MetricWriter,
+              which: tuple[str, ...] = ("eval", "sample"), extra: Mapping[str, float] | None = None):
+  """Calls the task's evaluate and/or sample hooks on `params`; writes their scalars (with `extra`)
+  as one metrics row and their images to TensorBoard, and prints the scalars. Returns the scalars."""
+  row = {}
+  for name in which:
+    hook = {"eval": task.evaluate, "sample": task.sample}[name]
+    if hook is None:
+      continue
+    scalars, images = _split_outputs(name, hook(params, step, workdir))
+    row.update(scalars)
+    writer.write_images(step, images)
+  if row:
+    writer.write(step, {**row, **(extra or {})})
+    writers.log(f"step {step} " + writers.format_metrics(row))
+  return row
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   """Trains (or resumes) `config` in `workdir` until `config.train.num_steps`; returns the final step.
 
-  Raises ConfigError (nothing written) when the config fails `check_config`, differs from the
-  workdir's, or the task refuses it; NonFiniteError when a loss/gradient becomes NaN/Inf (nothing after
-  the last good checkpoint is saved). On SIGTERM or SIGINT a checkpoint is saved and SystemExit(143
-  or 130) is raised; a second SIGINT raises KeyboardInterrupt at once.
+  Every `train.log_every` steps (and at the end) one metrics row holds the means of the step metrics
+  over the steps since the previous row ("train/loss", ...), the console prints the same means, and
+  "train_seconds" (wall-clock spent training, evaluation and sampling excluded, summed over resumed
+  runs) goes with every row. Raises ConfigError (nothing written) when the config fails
+  `check_config`, differs from the workdir's, or the task refuses it; NonFiniteError when a
+  loss/gradient becomes NaN/Inf (nothing after the last good checkpoint is saved). On SIGTERM or
+  SIGINT a checkpoint is saved and SystemExit(143 or 130) is raised; a second SIGINT raises
+  KeyboardInterrupt at once.
   """
   tc = config.train
   num_steps = int(tc.num_steps)
   try:    # every check before the workdir is touched: a refused start leaves it as it was
     mesh = check_config(config)
     check_config_compatible(workdir, config)
-    run = setup(config, mesh)
+    run = setup(config, mesh, workdir=workdir)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   write_config(workdir, config)
@@ -387,9 +505,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
                 "nothing to do")
     ckpt.close()
     return start
+  seconds = 0.0           # training wall-clock before this process's loop (from the checkpoint)
   if start is not None:
-    state, data_state = ckpt.restore(start, run.abstract_state, run.shardings)
+    state, data_state, meta = ckpt.restore(start, run.abstract_state, run.shardings)
     data.set_state(data_state)
+    seconds = float(meta["train_seconds"])
     writers.log(f"resumed from step {start} in {ckpt.directory}")
   else:
     start = 0
@@ -397,18 +517,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
     writers.log(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; "
                 f"mesh {dict(mesh.shape)}")
 
-  writer = writers.MetricWriter(workdir, resume_step=start)   # 0: a fresh start drops everything
+  # 0: a fresh start drops everything; the config goes to TensorBoard as text.
+  writer = writers.MetricWriter(workdir, resume_step=start, config=config)
   progress = writers.Progress(start, num_steps, int(tc.log_every))
   stop = _StopSignals()
+  clock = {"t0": time.perf_counter(), "paused": 0.0}
+
+  def train_seconds():
+    return seconds + time.perf_counter() - clock["t0"] - clock["paused"]
 
   def every(n, step):
     return n and step % n == 0
 
   def hooks(step, final):
-    for name, hook, n in (("eval", task.evaluate, tc.eval_every), ("sample", task.sample, tc.sample_every)):
-      if hook is not None and (final or every(n, step)):
-        out = hook(state.ema_params, step, workdir)
-        writer.write(step, {f"{name}/{k}": v for k, v in (out or {}).items()})
+    which = tuple(name for name, n in (("eval", tc.eval_every), ("sample", tc.sample_every))
+                  if final or every(n, step))
+    if not which:
+      return
+    jax.block_until_ready(state)          # the clock stops when training's work is done
+    t = time.perf_counter()
+    run_hooks(task, state.ema_params, step, workdir, writer, which, {"train_seconds": train_seconds()})
+    clock["paused"] += time.perf_counter() - t
 
   pending = None   # metrics of the last dispatched step, checked one step late to keep dispatch async
   sums: dict[str, float] = {}
@@ -425,10 +554,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + v
     count += 1
-    progress.update(done_step, metrics)
+    means = None
     if every(tc.log_every, done_step) or done_step == num_steps:
-      writer.write(done_step, {f"train/{k}": v / count for k, v in sums.items()})
+      means = {k: v / count for k, v in sums.items()}
+      writer.write(done_step, {**{f"train/{k}": v for k, v in means.items()},
+                               "train_seconds": train_seconds()})
       sums, count = {}, 0
+    progress.update(done_step, means)
 
   try:
     for step in range(start + 1, num_steps + 1):
@@ -438,7 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
       pending = (step, metrics)
       if every(tc.checkpoint_every, step) or step == num_steps or stop.received:
         settle()
-        ckpt.save(state, data.get_state())
+        ckpt.save(state, data.get_state(), {"train_seconds": train_seconds()})
       if stop.received:
         ckpt.wait()
         writers.log(f"{stop.name}: saved checkpoint at step {step} in {ckpt.directory}; exiting")
@@ -453,5 +585,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
     writer.close()
     ckpt.wait()
     ckpt.close()
-  writers.log(f"finished at step {num_steps}; checkpoints in {ckpt.directory}")
+  writers.log(f"finished at step {num_steps} in {train_seconds():.0f} s of training; checkpoints in "
+              f"{ckpt.directory}")
   return num_steps
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict[str, float]:
+  """Runs the task's evaluate and sample hooks on the EMA parameters of a run's latest (or given)
+  checkpoint, without training: they write their files under the workdir as during training, and
+  their scalars are appended to `workdir/evaluations.jsonl` (not metrics.jsonl, which stays the
+  training record) and printed. Returns the scalars."""
+  config = load_config(workdir)
+  try:
+    registry.check(config)
+  except ValueError as e:
+    raise ConfigError(f"{workdir}/config.json: {e}") from e
+  ckpt = Checkpointer(workdir, create=False)
+  try:
+    step = checkpoint_step(ckpt, step)
+  finally:
+    ckpt.close()
+  params, _ = restore_params(workdir, step=step)
+  task = build_task(config, workdir)
+  writer = writers.MetricWriter(workdir, filename="evaluations.jsonl", tensorboard="tensorboard_eval")
+  try:
+    return run_hooks(task, params, step, workdir, writer)
+  finally:
+    writer.close()

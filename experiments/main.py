@@ -3,8 +3,12 @@
   python -m experiments.main --config experiments/configs/<exp>.py:<preset>[,<variant>] --workdir DIR \\
       [--config.train.num_steps=200 ...] [--dry_run] \\
       [--coordinator_address HOST:PORT --num_processes N --process_id I]
+  python -m experiments.main --mode eval --workdir DIR [--step N]
 
-Re-running the same command resumes from the latest checkpoint in DIR; a finished run exits 0.
+Re-running the same command resumes from the latest checkpoint in DIR; a finished run exits 0. A
+config that fine-tunes another run (GRPO) trains that run first when it is missing, and says so.
+`--mode eval` runs the task's evaluation and sampling on DIR's latest (or step N's) checkpoint
+without training: files as in training, metrics printed and appended to DIR/evaluations.jsonl.
 `--help` lists every config with its presets and variants; `--dry_run` prints the resolved config
 and checks it without touching DIR. Exit status: 0 done, 1 failed while running, 2 bad command line
 or config (nothing written).
@@ -28,11 +32,14 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiments/configs/<exp>.py:<preset>[,<variant>], preset in smoke | cpu | paper")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config, metrics, checkpoints, outputs")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (or resume) --config in --workdir, or eval: evaluate its checkpoint")
+_STEP = flags.DEFINE_integer("step", None, "--mode eval: the checkpoint step (default: the latest)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved config, check it, and exit")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
-_FLAGS = (_WORKDIR, _DRY_RUN, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+_FLAGS = (_WORKDIR, _MODE, _STEP, _DRY_RUN, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
 
 
 class UsageError(ValueError):
@@ -119,7 +126,24 @@ def _check_value(field: str, default, text: str) -> None:
 
 def validate_argv(argv: list[str]):
   """Checks config file, preset, variant and every override's field and type up front (so mistakes
-  get one clear line before anything runs); returns the config module."""
+  get one clear line before anything runs); returns the config module (None in eval mode)."""
+  mode = _flag_value(argv, "mode") or "train"
+  if mode not in ("train", "eval"):
+    raise UsageError(f"--mode={mode!r}; expected train or eval")
+  if mode == "eval":
+    workdir = _flag_value(argv, "workdir")
+    if workdir is None:
+      raise UsageError("--mode eval needs --workdir (a run directory)")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+      raise UsageError(f"--workdir {workdir} is not a run directory (no config.json)")
+    if any(a.startswith("--config") for a in argv):
+      raise UsageError("--mode eval takes the config from --workdir/config.json; drop --config")
+    step = _flag_value(argv, "step")
+    if step is not None and not step.isdigit():
+      raise UsageError(f"--step={step!r}: expected a checkpoint step (a non-negative integer)")
+    return None
+  if _flag_value(argv, "step") is not None:
+    raise UsageError("--step is for --mode eval")
   spec = _flag_value(argv, "config")
   if spec is None:
     raise UsageError(f"--config is required; valid configs: {', '.join(available_configs())}")
@@ -149,11 +173,22 @@ def validate_argv(argv: list[str]):
   return module
 
 
+def evaluate() -> None:
+  from core import train
+  try:
+    train.evaluate_checkpoint(_WORKDIR.value, _STEP.value)
+  except (train.ConfigError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every file it renames at INFO
-  from core import sharding, train
+  from core import registry, sharding, train
   import experiments.tasks  # noqa: F401  (registers every task)
+  if _MODE.value == "eval":
+    return evaluate()
   config = _CONFIG.value
   if _DRY_RUN.value:
     print(config)
@@ -167,6 +202,11 @@ def main(argv):
     print("config OK (dry run: nothing written)")
     return
   try:
+    try:
+      train.check_config_compatible(_WORKDIR.value, config)   # before a base run is trained for it
+    except ValueError as e:
+      raise train.ConfigError(str(e)) from e
+    registry.prepare(config, _WORKDIR.value)
     train.train(config, _WORKDIR.value)
   except train.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

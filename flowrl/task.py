@@ -1,9 +1,10 @@
 """GRPO fine-tuning of a pretrained flow model through the common trainer (registered as "flow_grpo").
 
-The base model is the `flow_matching` run in `config.grpo.base_workdir`, trained with the config
-`config.base` (experiments/configs/flow_2d.py or flow_images.py); when that run is missing or unfinished
-it is trained (or resumed) first with core.train.train, so a GRPO config runs from scratch. Its EMA
-parameters start the policy and are the KL reference.
+The base model is the `flow_matching` run in `config.grpo.base_workdir` (an absolute path, or one
+relative to the GRPO run's workdir), trained with the config `config.base`
+(experiments/configs/flow_2d.py or flow_images.py). Its EMA parameters start the policy and are the KL
+reference. Building the task never trains: `prepare_base` (the task's registered `prepare`, which the
+CLI and the table scripts call) trains or resumes the base run first when it is missing or unfinished.
 
 Every grpo.updates_per_batch train steps, sample train.global_batch_size conditions x updates_per_batch
 x grpo.group_size trajectories with the current policy (gradient stopped), reward the final samples and
@@ -11,37 +12,63 @@ form group advantages; this buffer lives in the trainer's carry (checkpointed wi
 of the next updates_per_batch steps takes the GRPO loss (flowrl.grpo.policy_loss) on its share of the
 groups, at a random subset of the stochastic steps. The carry also counts iterations (the sliding SDE
 window moves once per sampled batch). `evaluate` reports the mean reward on fixed noises and conditions with the
-ODE ("reward_ode") and with the training sampler ("reward_sde") at grpo.num_steps NFE, and the
-wall-clock seconds spent training so far ("train_seconds", evaluation excluded), so metrics.jsonl gives
-reward against iteration and against time.
+ODE ("reward_ode") and with the training sampler ("reward_sde") at grpo.num_steps NFE; the trainer
+adds the wall-clock seconds spent training so far ("train_seconds", evaluation excluded) to each row,
+so metrics.jsonl gives reward against iteration and against time.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from core import data, flow, flow_task, registry, train
+from core import data, flow, flow_task, registry, train, writers
 from core.nn import lora
 from flowrl import grpo, rewards, samplers
 
 EVAL_KEY = 1234
 
 
-def base_model(config: ml_collections.ConfigDict):
-  """(model, EMA params, base config) of the base run, training it first when unfinished."""
-  workdir = config.grpo.base_workdir
-  ckpt = train.Checkpointer(workdir, keep=1_000_000)
-  done = (ckpt.latest_step() or 0) >= int(config.base.train.num_steps)
-  ckpt.close()
-  if not done:
-    train.train(config.base, workdir)
-  params, base_config, _ = train.restore_params(workdir)
+def base_workdir(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """config.grpo.base_workdir, resolved against the GRPO run's `workdir` when relative (against the
+  current directory when there is no workdir)."""
+  return os.path.join(workdir or os.curdir, os.path.expanduser(config.grpo.base_workdir))
+
+
+def _base_step(path: str) -> int:
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    return 0
+  ckpt = train.Checkpointer(path, create=False)
+  try:
+    return ckpt.latest_step() or 0
+  finally:
+    ckpt.close()
+
+
+def prepare_base(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains (or resumes) the base run with config.base when it is missing or unfinished, saying so."""
+  path = base_workdir(config, workdir)
+  step, want = _base_step(path), int(config.base.train.num_steps)
+  if step < want:
+    writers.log(f"base run {os.path.normpath(path)} is at step {step} of {want}: training it first "
+                "(config.base)")
+    train.train(config.base, path)
+
+
+def base_model(config: ml_collections.ConfigDict, workdir: str | None):
+  """(model, EMA params, base config) of the finished base run; FileNotFoundError when it is missing
+  or unfinished (`prepare_base` trains it)."""
+  path = base_workdir(config, workdir)
+  step, want = _base_step(path), int(config.base.train.num_steps)
+  if step < want:
+    raise FileNotFoundError(
+        f"the base run {os.path.normpath(path)} (config.grpo.base_workdir={config.grpo.base_workdir!r},"
+        f" relative to the GRPO workdir) is at step {step} of {want}; train it first, e.g. by running "
+        "this config through `python -m experiments.main`, which trains it when missing")
+  params, base_config = train.restore_params(path)
   return flow_task.build_model(base_config), params, base_config
 
 
@@ -67,11 +94,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   flow_task.check_config(config.base)
 
 
-@registry.register("flow_grpo", check=check_config)
-def build(config: ml_collections.ConfigDict) -> train.Task:
-  check_config(config)          # also when built without the trainer (setup, restore_params)
+@registry.register("flow_grpo", check=check_config, prepare=prepare_base)
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
+  check_config(config)          # also when built without the trainer (setup, evaluation)
   gc = config.grpo
-  model, base_params, base_config = base_model(config)
+  model, base_params, base_config = base_model(config, workdir)
   shape = flow_task.example_shape(base_config)
   num_classes = int(base_config.model.num_classes)
   reward_fn = rewards.get(gc.reward)
@@ -177,23 +204,9 @@ def build(config: ml_collections.ConfigDict) -> train.Task:
 
   evaluate_rewards = make_evaluator(config, lambda p, y: velocity(apply_fn(p), y), shape, num_classes,
                                     reward_fn, grid)
-  clock = {"seconds": None, "since": time.perf_counter()}
 
   def evaluate(params, step, workdir):
-    jax.block_until_ready(params)
-    path = os.path.join(workdir, "train_seconds_grpo.json")
-    if clock["seconds"] is None:    # first call in this process: continue a resumed run's clock
-      clock["seconds"] = 0.0
-      if os.path.exists(path):
-        with open(path) as f:
-          clock["seconds"] = json.load(f)["seconds"]
-    clock["seconds"] += time.perf_counter() - clock["since"]
-    out = {**evaluate_rewards(params), "train_seconds": clock["seconds"]}
-    if jax.process_index() == 0:
-      with open(path, "w") as f:
-        json.dump({"step": step, "seconds": clock["seconds"]}, f)
-    clock["since"] = time.perf_counter()
-    return out
+    return evaluate_rewards(params)
 
   return train.Task(init_params=init_params, loss=loss, train_data=train_data, evaluate=evaluate,
                     trainable=trainable if lora_rank else None,

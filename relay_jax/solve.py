@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   if not 0.0 <= args.tau:
     parser.error(f"--tau must be >= 0, got {args.tau}")
-  params, config, _ = train.restore_params(args.workdir)
+  params, config = train.restore_params(args.workdir)
   if config.task != "relay_sudoku":
     parser.error(f"--workdir {args.workdir} holds a {config.task!r} run, not relay_sudoku")
 

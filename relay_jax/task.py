@@ -113,7 +113,8 @@ def check_sudoku_config(config: ml_collections.ConfigDict) -> None:
 
 
 @registry.register("relay_sudoku", check=check_sudoku_config)
-def build_sudoku(config: ml_collections.ConfigDict) -> train.Task:
+def build_sudoku(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
+  del workdir     # needs no other run
   model = build_model(config, SUDOKU_VOCAB, SUDOKU_MASK)
   loss, init_carry = make_loss(config, plain_apply(model), SUDOKU_MASK, 81)
 
@@ -177,7 +178,8 @@ def check_code_config(config: ml_collections.ConfigDict) -> None:
 
 
 @registry.register("relay_code", check=check_code_config)
-def build_code(config: ml_collections.ConfigDict) -> train.Task:
+def build_code(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
+  del workdir     # needs no other run
   num_blocks, block_size = code_shape(config)
   vocab, mask_id = code_data.VOCAB_SIZE + 1, code_data.MASK_ID
   model = build_model(config, vocab, mask_id)

@@ -5,7 +5,9 @@ impl:
   "cudnn"  cuDNN's fused flash attention (GPU, bf16/fp16, head dim a multiple of 8 and <= 128).
   "auto"   "cudnn" where those conditions hold, otherwise "xla".
   "linear" SANA's ReLU linear attention (arXiv 2410.10629 Sec. 2.2): `kernels.linear_attention`, the
-           Pallas kernel on a GPU, its XLA reference elsewhere. O(N) in the sequence length.
+           Pallas kernel on a GPU, its XLA reference elsewhere (`kernel_impl` chooses). O(N) in the
+           sequence length. The kernel runs under `core.sharding.shard_kernel`: split over the batch
+           and heads of the mesh in context, since XLA cannot partition a Pallas call.
 """
 import functools
 
@@ -14,9 +16,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
+from core import sharding
 from core.nn.embeddings import apply_rope
 from core.nn.norm import make_norm
+from core.nn.partitioning import constrain, dense as named_dense
 from kernels.linear_attention import linear_attention
+
+# [B, N, H, D] activations: batch over the batch axes, heads over "model".
+QKV_AXES = ("batch", "length", "heads", None)
 
 IMPLS = ("xla", "cudnn", "auto", "linear")
 
@@ -51,7 +58,8 @@ def _check_inputs(q, k, v, mask) -> None:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          mask: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+                          mask: jax.Array | None = None, impl: str = "xla",
+                          kernel_impl: str = "auto") -> jax.Array:
   """softmax(q k^T / sqrt(D)) v per head, or ReLU linear attention for impl="linear".
 
   Args:
@@ -60,6 +68,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask: boolean, broadcastable to [B, H, Nq, Nk]; True = attend. A query row with nothing to
       attend to gets the mean of v. Not supported by "linear".
     impl: one of IMPLS (see the module docstring).
+    kernel_impl: for impl="linear", `kernels.linear_attention`'s impl: "auto" (the Pallas kernel on a
+      GPU where it fits), "pallas" (interpreted off a GPU: slow, for tests) or "xla".
   Returns:
     [B, Nq, H, D] in q's dtype.
   """
@@ -69,7 +79,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl == "linear":
     if mask is not None:
       raise ValueError("impl='linear' (ReLU linear attention) does not support a mask")
-    return linear_attention(q, k, v)
+    fn = functools.partial(linear_attention, impl=kernel_impl)
+    return sharding.shard_kernel(fn, (q, k, v), (QKV_AXES,) * 3, QKV_AXES)
   implementation = "xla"
   if impl != "xla":
     reason = _cudnn_unsupported(q, k, mask)
@@ -88,7 +99,7 @@ class MultiHeadAttention(nn.Module):
     fused_qkv: one projection "qkv" (cross-attention: "q" and "kv") instead of "q", "k", "v".
     qk_norm: None, "layer" or "rms": normalise q and k per head before the dot product, which keeps
       the logits bounded in wide models (SD3, arXiv 2403.03206 Sec. 5.3.2).
-    impl: attention implementation, see `dot_product_attention`.
+    impl, kernel_impl: attention implementation, see `dot_product_attention`.
     use_bias: biases in the four projections.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
@@ -96,6 +107,7 @@ class MultiHeadAttention(nn.Module):
   fused_qkv: bool = True
   qk_norm: str | None = None
   impl: str = "xla"
+  kernel_impl: str = "auto"
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -124,18 +136,24 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     if rope is not None and context_BxMxE is not None:
       raise ValueError("rope is for self-attention; cross-attention got both rope and a context")
-    dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+    # In-projections split their outputs by head, the out-projection its inputs: with a model
+    # axis, attention runs head-parallel and the block needs one reduction, not a gather.
+    dense = lambda features, axes, name: named_dense(
+        features, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+    proj = lambda features, name, x: dense(features, ("embed", "heads"), name)(x)
     if context_BxMxE is None and self.fused_qkv:
-      q, k, v = jnp.split(dense(3 * d, name="qkv")(x_BxNxD), 3, axis=-1)
+      # A model split of the fused [D, 3D] kernel's outputs would cut across q, k and v, so it is
+      # split by FSDP only; q, k, v are then sliced by head locally (no communication).
+      q, k, v = jnp.split(dense(3 * d, ("embed", None), "qkv")(x_BxNxD), 3, axis=-1)
     else:
       kv_in = x_BxNxD if context_BxMxE is None else context_BxMxE
-      q = dense(d, name="q")(x_BxNxD)
+      q = proj(d, "q", x_BxNxD)
       if self.fused_qkv:
-        k, v = jnp.split(dense(2 * d, name="kv")(kv_in), 2, axis=-1)
+        k, v = jnp.split(dense(2 * d, ("embed", None), "kv")(kv_in), 2, axis=-1)
       else:
-        k, v = dense(d, name="k")(kv_in), dense(d, name="v")(kv_in)
-    q, k, v = (y.reshape(*y.shape[:-1], self.num_heads, -1) for y in (q, k, v))
+        k, v = proj(d, "k", kv_in), proj(d, "v", kv_in)
+    q, k, v = (constrain(y.reshape(*y.shape[:-1], self.num_heads, -1), QKV_AXES) for y in (q, k, v))
     if self.qk_norm is not None:
       norm = functools.partial(make_norm, self.qk_norm, affine=True, dtype=self.dtype,
                                param_dtype=self.param_dtype)
@@ -145,6 +163,6 @@ class MultiHeadAttention(nn.Module):
     own_kv = (k, v)
     if kv_prefix is not None:
       k, v = (jnp.concatenate([p, a], axis=1) for p, a in zip(kv_prefix, own_kv))
-    o = dot_product_attention(q, k, v, mask=mask, impl=self.impl)
-    out = dense(d, name="out")(o.reshape(*o.shape[:-2], d))
+    o = dot_product_attention(q, k, v, mask=mask, impl=self.impl, kernel_impl=self.kernel_impl)
+    out = dense(d, ("heads", "embed"), "out")(o.reshape(*o.shape[:-2], d))
     return (out, own_kv) if return_kv else out

@@ -6,6 +6,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
+from core.nn.partitioning import constrain, dense as named_dense
+
+# Up-projections split their outputs over "mlp", down-projections their inputs (opposite dims).
+UP, DOWN, HIDDEN = ("embed", "mlp"), ("mlp", "embed"), ("batch", "length", "mlp")
+
 
 ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=True), "relu": nn.relu}
 
@@ -25,9 +30,11 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"Mlp activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = ACTIVATIONS[self.activation](dense(self.hidden, name="fc1")(x))
-    return dense(self.out_features or x.shape[-1], name="fc2")(h)
+    dense = functools.partial(named_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = ACTIVATIONS[self.activation](dense(self.hidden, UP, name="fc1")(x))
+    if h.ndim == 3:
+      h = constrain(h, HIDDEN)
+    return dense(self.out_features or x.shape[-1], DOWN, name="fc2")(h)
 
 
 class SwiGLU(nn.Module):
@@ -42,9 +49,9 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    gate, up = jnp.split(dense(2 * self.hidden, name="fc1")(x), 2, axis=-1)
-    return dense(self.out_features or x.shape[-1], name="fc2")(nn.silu(gate) * up)
+    dense = functools.partial(named_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate, up = jnp.split(dense(2 * self.hidden, UP, name="fc1")(x), 2, axis=-1)
+    return dense(self.out_features or x.shape[-1], DOWN, name="fc2")(nn.silu(gate) * up)
 
 
 class MixFFN(nn.Module):
@@ -66,9 +73,9 @@ class MixFFN(nn.Module):
     h, w = hw
     if h * w != n:
       raise ValueError(f"MixFFN: grid hw={hw} has {h * w} cells but x has {n} tokens")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    u = nn.silu(dense(2 * self.hidden, name="fc1")(x_BxNxD)).reshape(b, h, w, 2 * self.hidden)
+    dense = functools.partial(named_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    u = nn.silu(dense(2 * self.hidden, UP, name="fc1")(x_BxNxD)).reshape(b, h, w, 2 * self.hidden)
     u = nn.Conv(2 * self.hidden, (3, 3), padding="SAME", feature_group_count=2 * self.hidden,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(u)
     a, gate = jnp.split(u.reshape(b, n, 2 * self.hidden), 2, axis=-1)
-    return dense(self.out_features or d, use_bias=False, name="fc2")(a * nn.silu(gate))
+    return dense(self.out_features or d, DOWN, use_bias=False, name="fc2")(a * nn.silu(gate))

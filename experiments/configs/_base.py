@@ -8,6 +8,8 @@ A config module may declare `VARIANTS` (the first is the default): its argument 
 """
 import ml_collections
 
+from core import sharding
+
 PRESETS = ("smoke", "cpu", "paper")
 
 
@@ -43,7 +45,10 @@ def base(preset: str) -> ml_collections.ConfigDict:
   c.task = ""                  # name registered in core.registry
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})   # -1: remaining devices
-  c.sharding = ml_collections.ConfigDict({"min_fsdp_size": 2**14})         # smaller arrays replicate
+  # Logical axis names (declared by the layers, core/nn/partitioning.py) -> mesh axes; arrays below
+  # min_fsdp_size elements replicate.
+  c.sharding = ml_collections.ConfigDict({"min_fsdp_size": 2**14,
+                                          "logical_axis_rules": sharding.DEFAULT_LOGICAL_AXIS_RULES})
   c.train = ml_collections.ConfigDict({
       "num_steps": 1000,
       "global_batch_size": 64,

@@ -30,13 +30,14 @@ def grpo_config(preset: str, sampler: str, base: ml_collections.ConfigDict,
   """A flow_grpo config for `sampler` fine-tuning the flow_matching config `base`.
 
   train.global_batch_size is the number of groups (conditions) per step; each has grpo.group_size
-  trajectories. The base run lives in runs/tables/<base_name>_<preset>, where the flow table puts it.
+  trajectories. The base run is the sibling workdir <base_name>_<preset> of the GRPO run's (a path
+relative to the GRPO workdir, as the table scripts lay runs out); the CLI trains it there when missing.
   """
   c = _base.base(preset)
   c.task = "flow_grpo"
   c.base = base
   c.grpo = ml_collections.ConfigDict({
-      "base_workdir": f"runs/tables/{base_name}_{preset}",
+      "base_workdir": f"../{base_name}_{preset}",   # absolute, or relative to the GRPO workdir
       "sampler": sampler,
       "num_steps": 10,              # NFE per trajectory (training and evaluation)
       "shift": 1.0,                 # time_grid shift

@@ -76,7 +76,7 @@ def sampler_at(config: ml_collections.ConfigDict, steps: int, cfg_scale: float =
 
 def evaluate_2d(workdir: str, out_dir: str, sizes: dict) -> dict:
   """Distances of EMA samples at each of STEPS to held-out points, against the data floor and noise."""
-  params, config, _ = train.restore_params(workdir)
+  params, config = train.restore_params(workdir)
   n = sizes["points"]
   held_out = flow_task.model_inputs(config, config.data.eval_split)["x"]
   reference_Nx2, other_Nx2 = held_out[:n], held_out[n:2 * n]
@@ -87,7 +87,8 @@ def evaluate_2d(workdir: str, out_dir: str, sizes: dict) -> dict:
   for steps in STEPS:
     samples_Nx2 = np.asarray(sampler_at(config, steps)(params, noise_Nx2, None))
     rows.append(row(f"Euler {steps} steps", steps, samples_Nx2))
-  flow_task.save_scatter(samples_Nx2, reference_Nx2, os.path.join(out_dir, "flow_2d_samples.png"))
+  writers.save_image(flow_task.scatter_image(samples_Nx2, reference_Nx2),
+                     os.path.join(out_dir, "flow_2d_samples.png"))
   return {"params": metrics.param_count(params), "points": n, "resamples": sizes["resamples"],
           "num_projections": NUM_PROJECTIONS, "rows": rows}
 
@@ -104,7 +105,7 @@ def class_diversity(x_NxHxWxC: np.ndarray, y_N: np.ndarray) -> float:
 
 def evaluate_digits(workdir: str, out_dir: str, sizes: dict) -> dict:
   """Class consistency (by a classifier trained on real digits) and diversity of EMA samples per setting."""
-  params, config, _ = train.restore_params(workdir)
+  params, config = train.restore_params(workdir)
   train_set = flow_task.model_inputs(config, "train")
   test_set = flow_task.model_inputs(config, config.data.eval_split)
   flat = lambda x: x.reshape(len(x), -1)
@@ -141,8 +142,6 @@ def _trained_table(result: dict) -> list[str]:
   for name, spec in (("flow_2d", "flow_2d.py"), ("digits", "flow_images.py")):
     model, t = result[name], result[name]["train"]
     seconds = f"{t['seconds']:.0f}"
-    if t["timed_steps"] != t["steps"]:   # part of the run was trained outside this script
-      seconds += f" ({t['timed_steps']} steps timed)"
     lines.append(f"| {name} | `{spec}:{result['preset']}` | {model['network']} | {model['params']:,} | "
                  f"{t['steps']} | {t['batch']} | {t['ema_decay']:g} | {seconds} "
                  f"| {t['final_eval']['eval/loss']:.4f} |")
@@ -208,8 +207,8 @@ def markdown(result: dict) -> str:
            f"script: {result['seconds']:.0f} s, training included only where it trained). Every model is "
            "evaluated with its EMA parameters; later methods reuse these two models.", "",
            "## What was trained", "", *_trained_table(result), "",
-           "Train seconds: wall-clock of `core.train.train` as measured by this script (compilation, "
-           "eval/sample hooks and checkpoints included).", "",
+           "Train seconds: the trainer's own wall-clock of its training steps (compilation and "
+           "checkpoints included, eval/sample hooks excluded; summed over resumptions).", "",
            "## flow_2d: samples vs held-out double-ring points", "", *_table_2d(result["flow_2d"]), "",
            "![flow_2d samples vs held-out data](flow_2d_samples.png)", "",
            "## digits: class consistency and diversity", "", *_table_digits(dig), "",

@@ -27,11 +27,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
-from core import flow, flow_task, registry, train, writers  # noqa: E402
+from core import flow, flow_task, train, writers  # noqa: E402
 from experiments.configs import flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
 from experiments.tables.flow import distances  # noqa: E402
 from experiments.training import read_jsonl, table_parser, train_timed  # noqa: E402
-from flowrl import samplers  # noqa: E402
+from flowrl import samplers, task as flowrl_task  # noqa: E402
 
 SAMPLERS = ("flow_grpo", "dance", "cps", "precise")
 NAMES = {"ode": "ODE (Euler)", "flow_grpo": "Flow-GRPO", "dance": "Dance-GRPO", "cps": "CPS",
@@ -60,7 +60,7 @@ def consistency(preset: str, runs: str, sizes: dict) -> dict:
   """Energy distance to held-out data of each (method, eta, NFE) on the flow_2d model."""
   workdir = os.path.join(runs, f"flow_2d_{preset}")
   train_timed(flow_2d.get_config(preset), workdir)
-  params, config, _ = train.restore_params(workdir)
+  params, config = train.restore_params(workdir)
   model = flow_task.build_model(config)
   n = sizes["points"]
   held_out = flow_task.model_inputs(config, config.data.eval_split)["x"][:n]
@@ -86,13 +86,14 @@ def grpo_config(problem: str, preset: str, sampler: str, seed: int, runs: str):
   module, _, base_name = PROBLEMS[problem]
   config = module.get_config(f"{preset},{sampler}")
   config.seed = seed
-  config.grpo.base_workdir = os.path.join(runs, f"{base_name}_{preset}")
+  config.grpo.base_workdir = os.path.abspath(os.path.join(runs, f"{base_name}_{preset}"))
   return config
 
 
 def base_reward(config) -> dict:
   """The rewards of the untrained policy (the base model), measured by the task's own evaluator."""
-  task = registry.get(config.task)(config)
+  flowrl_task.prepare_base(config, None)
+  task = train.build_task(config)
   with tempfile.TemporaryDirectory() as tmp:
     out = task.evaluate(task.init_params(jax.random.PRNGKey(0)), 0, tmp)
   return {"step": 0, "reward_ode": out["reward_ode"], "reward_sde": out["reward_sde"], "seconds": 0.0}
@@ -101,7 +102,7 @@ def base_reward(config) -> dict:
 def curve(workdir: str) -> list[dict]:
   """[{step, reward_ode, reward_sde, seconds}] from a run's evaluations."""
   return [{"step": r["step"], "reward_ode": r["eval/reward_ode"], "reward_sde": r["eval/reward_sde"],
-           "seconds": r["eval/train_seconds"]}
+           "seconds": r["train_seconds"]}
           for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/reward_ode" in r]
 
 

@@ -60,7 +60,7 @@ def trained(config_module, preset: str, objective: str, workdir: str):
   config = config_module.get_config(preset)
   config.relay.objective = objective
   timing = train_timed(config, workdir)
-  params, config, _ = train.restore_params(workdir)
+  params, config = train.restore_params(workdir)
   return timing, params, config
 
 

@@ -84,7 +84,7 @@ def calibrate(model, params, x_T: jax.Array, *, y: jax.Array | None = None, num_
 
 def calibrate_run(workdir: str, num_samples: int = 64, seed: int = 0) -> dict:
   """calibrate() for the trained flow_images run in workdir, at its sampling settings (EMA params)."""
-  params, config, _ = train.restore_params(workdir)
+  params, config = train.restore_params(workdir)
   model = flow_task.build_model(config)
   shape = flow_task.example_shape(config)
   x_T = jax.random.normal(jax.random.PRNGKey(seed), (num_samples, *shape))

@@ -38,9 +38,9 @@ def main(pid: int, nproc: int, port: int, out: str, seed: int) -> None:
   norm = float(sq_norm(state.params))
   # Every process saves its shards into one shared directory and restores them.
   ckpt = train.Checkpointer(os.path.join(os.path.dirname(out), f"run_{nproc}"), keep=1)
-  ckpt.save(state, data.get_state())
+  ckpt.save(state, data.get_state(), {"train_seconds": 0.0})
   ckpt.wait()
-  restored, data_state = ckpt.restore(3, run.abstract_state, run.shardings)
+  restored, data_state, _ = ckpt.restore(3, run.abstract_state, run.shardings)
   ckpt.close()
   with open(out, "w") as f:
     json.dump({"losses": losses, "param_sq_norm": norm, "processes": jax.process_count(),

@@ -1,6 +1,7 @@
 """Mesh construction, parameter/batch shardings and the shard_map helper on 8 fake CPU devices."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -66,8 +67,19 @@ def test_shard_map_helper_matches_unsharded(rng):
   def per_shard(x):   # a per-(batch, head) op, like a Pallas attention kernel
     return x * jnp.sum(x, axis=1, keepdims=True)
 
-  spec = sharding.batch_spec(4, head_axis=2)
-  out = jax.jit(sharding.shard_map(per_shard, mesh, in_specs=(spec,), out_specs=spec))(x)
+  dims = ("batch", None, "heads", None)
+  call = jax.jit(lambda x: sharding.shard_kernel(per_shard, (x,), (dims,), dims))
+  with jax.set_mesh(mesh):
+    out = call(x)
+    text = call.lower(x).as_text()
+  assert "shard_map" in text or "manual" in text.lower()        # really split per device
+  # A batch the batch axes do not divide stays whole on every device (redundant but right).
+  odd = x[:5]
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(jax.jit(lambda x: sharding.shard_kernel(per_shard, (x,), (dims,), dims))(odd),
+                               per_shard(odd), rtol=1e-6, atol=1e-6)
+  # Without a mesh in context it is a plain call.
+  np.testing.assert_array_equal(sharding.shard_kernel(per_shard, (x,), (dims,), dims), per_shard(x))
   # Bitwise in practice; another order of the 5-term sum may move it by 4 eps * sum(|x|), which
   # an rtol alone would not allow where the sum cancels.
   rounding = 4 * np.finfo(np.float32).eps * np.abs(x) * np.abs(x).sum(axis=1, keepdims=True)
@@ -83,3 +95,37 @@ def test_initialize_distributed_single_process_is_noop(monkeypatch):
   assert jax.process_count() == 1
   with pytest.raises(ValueError, match="coordinator"):
     sharding.initialize_distributed(num_processes=2)
+
+
+def test_layers_declare_axes_so_an_mlps_up_and_down_projections_split_on_opposite_dims():
+  """With a model axis, Mlp's fc1 [D, F] splits F and fc2 [F, D] splits F too, i.e. opposite
+  dimensions of the two kernels (the name regex alone gives both the same spec); Adam's moments and
+  the EMA follow their parameters through the trainer's state shardings."""
+  from flax.core import meta
+  from core import nn as cnn, train
+  mlp = cnn.Mlp(hidden=64)
+  boxed = jax.eval_shape(lambda k: mlp.init(k, jnp.zeros((2, 4, 32)))["params"], jax.random.PRNGKey(0))
+  declared = sharding.declared_axes(boxed)
+  assert declared == {"fc1/kernel": ("embed", "mlp"), "fc1/bias": ("mlp",),
+                      "fc2/kernel": ("mlp", "embed"), "fc2/bias": ("embed",)}
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  params = meta.unbox(boxed)
+  specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(params, mesh, min_fsdp_size=1,
+                                                                 declared=declared))
+  assert specs["fc1"]["kernel"] == P("fsdp", "model") and specs["fc2"]["kernel"] == P("model", "fsdp")
+  assert specs["fc1"]["bias"] == P("model") and specs["fc2"]["bias"] == P("fsdp")
+  fallback = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(params, mesh, min_fsdp_size=1))
+  assert fallback["fc1"]["kernel"] == fallback["fc2"]["kernel"] == P("fsdp", "model")
+  # Through the trainer: the optimiser's moments are sharded like their parameter.
+  tx, _ = train.make_optimizer(ml_collections.ConfigDict(
+      {"name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.0,
+       "grad_clip_norm": 1.0, "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 0.0}), 10)
+  task = train.Task(init_params=lambda k: mlp.init(k, jnp.zeros((2, 4, 32)))["params"],
+                    loss=None, train_data=None)
+  abstract = jax.eval_shape(lambda k: train.init_state(task, tx, k), jax.random.PRNGKey(0))
+  config = ml_collections.ConfigDict({"sharding": {"min_fsdp_size": 1}})
+  state = train.state_shardings(abstract, mesh, config, declared)
+  mu = [s for p, s in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+        if sharding._path_str(p).endswith("mu/fc2/kernel")]
+  assert [s.spec for s in mu] == [P("model", "fsdp")]
+  assert state.ema_params["fc2"]["kernel"].spec == P("model", "fsdp")

@@ -57,6 +57,30 @@ def test_resumed_writer_drops_rows_after_the_restored_step_and_purges_tensorboar
   assert sorted(e.step for e in events if e.HasField("summary")) == sorted([*range(1, 11), 7, 8])
 
 
+def test_writer_logs_images_and_the_config_as_text(tmp_path, rng):
+  import io
+  import ml_collections
+  config = ml_collections.ConfigDict({"model": {"width": int(rng.integers(1, 1000))}, "seed": 3})
+  image = rng.integers(0, 256, size=(int(rng.integers(2, 40)), int(rng.integers(2, 40)), 3),
+                       dtype=np.uint8)
+  w = writers.MetricWriter(str(tmp_path), resume_step=0, config=config)
+  w.write_images(5, {"sample/grid": image})
+  with pytest.raises(ValueError, match=r"image 'bad' must be uint8 \[H, W, 1 or 3\], got float32"):
+    w.write_images(5, {"bad": image.astype(np.float32)})
+  w.close()
+  values = [(e.step, v) for e in _tensorboard_events(tmp_path / "tensorboard")
+            if e.HasField("summary") for v in e.summary.value]
+  (step, img), = [(s, v) for s, v in values if v.tag == "sample/grid"]
+  assert step == 5
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(img.image.encoded_image_string))), image)
+  (text,) = [v for _, v in values if v.tag.startswith("config")]
+  assert f'"width": {config.model.width}' in text.tensor.string_val[0].decode()
+  # A resumed writer does not write the config again.
+  writers.MetricWriter(str(tmp_path), resume_step=5, config=config).close()
+  assert sum(v.tag.startswith("config") for e in _tensorboard_events(tmp_path / "tensorboard")
+             if e.HasField("summary") for v in e.summary.value) == 1
+
+
 def test_replace_atomically_leaves_no_partial_file(tmp_path):
   path = str(tmp_path / "x.npy")
   writers.replace_atomically(path, lambda p: np.save(p, np.arange(3)))

@@ -20,7 +20,11 @@ SHARED_RUNS = {
     "image_crops_smoke": "experiments/configs/flow_images.py:smoke,image_crops",
     "relay_sudoku_relay": "experiments/configs/relay_sudoku.py:smoke",
     "relay_code_relay": "experiments/configs/relay_code.py:smoke",
+    # Fine-tunes its sibling flow_2d_smoke (config.grpo.base_workdir is "../flow_2d_smoke").
+    "precise_2d_smoke": "experiments/configs/precise_2d.py:smoke",
 }
+# Runs a shared run needs next to it (trained first, so two workers never train one run at once).
+NEEDS = {"precise_2d_smoke": ("flow_2d_smoke",)}
 
 
 def cli_env() -> dict:
@@ -45,6 +49,8 @@ class SmokeRuns:
 
   def path(self, name: str) -> str:
     """The shared, finished workdir of `name` (read only: copy it before writing)."""
+    for needed in NEEDS.get(name, ()):
+      self.path(needed)
     workdir = os.path.join(self.root, name)
     with open(os.path.join(self.root, f"{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)      # the other worker waits here while this one trains
@@ -55,8 +61,12 @@ class SmokeRuns:
         open(done, "w").close()
     return workdir
 
-  def copy(self, name: str, dest_dir) -> str:
-    """A private copy of the finished run `name` at dest_dir/name; returns its path."""
+  def copy(self, name: str, dest_dir, with_needed: bool = False) -> str:
+    """A private copy of the finished run `name` at dest_dir/name (and, with_needed, of the runs it
+    needs beside it); returns its path."""
+    for needed in NEEDS.get(name, ()) if with_needed else ():
+      if not os.path.exists(os.path.join(str(dest_dir), needed)):
+        self.copy(needed, dest_dir)
     dest = os.path.join(str(dest_dir), name)
     shutil.copytree(self.path(name), dest)
     return dest

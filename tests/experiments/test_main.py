@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -44,9 +45,9 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path, smoke_runs):
     workdir = smoke_runs.copy(shared[spec], tmp_path)
   else:
     workdir = tmp_path / "run"
-    if config.task == "flow_grpo":    # fine-tunes a copy of the shared base run
-      base = os.path.basename(config.grpo.base_workdir)
-      overrides = (f"--config.grpo.base_workdir={smoke_runs.copy(base, tmp_path)}",)
+    if config.task == "flow_grpo":    # fine-tunes a copy of the shared base run, its sibling
+      assert config.grpo.base_workdir.startswith("../")     # relative to the GRPO workdir
+      smoke_runs.copy(os.path.basename(config.grpo.base_workdir), tmp_path)
     r = _run(spec, workdir, *overrides)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   workdir = pathlib.Path(workdir)
@@ -61,6 +62,10 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path, smoke_runs):
   if config["task"] == "flow_matching":          # the task with a sample hook writes image grids
     pngs = [f for f in os.listdir(workdir / "samples") if f.endswith(".png")]
     assert f"step_{last:07d}.png" in pngs
+    from tests.core.test_writers import _tensorboard_events
+    tags = {(e.step, v.tag) for e in _tensorboard_events(workdir / "tensorboard")
+            if e.HasField("summary") for v in e.summary.value}
+    assert (last, "sample/grid") in tags and any(t.startswith("config") for _, t in tags)
   again = _run(spec, workdir, *overrides)           # a finished run says so and exits 0
   assert again.returncode == 0 and "already finished" in again.stdout
 
@@ -68,7 +73,7 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path, smoke_runs):
 def _final_params(workdir):
   from core import train
   import experiments.tasks  # noqa: F401
-  params, _, _ = train.restore_params(str(workdir), ema=False)
+  params, _ = train.restore_params(str(workdir), ema=False)
   return params
 
 
@@ -108,14 +113,26 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   assert f"resumed from step {steps[-1]}" in resumed.stdout
   r = _run(f"{FLOW_2D}:smoke", straight, *LONG)
   assert r.returncode == 0, r.stderr[-3000:]
+  # The console's step lines show what metrics.jsonl holds: the means since the previous row.
+  logged = {row["step"]: row for row in map(json.loads, open(straight / "metrics.jsonl"))
+            if "train/loss" in row}
+  printed = [l for l in r.stdout.splitlines() if " mean since last row: " in l]
+  assert len(printed) == 100
+  for line in printed:
+    step = int(line.split()[1].split("/")[0])
+    loss = float(line.split(" loss ")[1].split()[0])
+    assert f"{logged[step]['train/loss']:.4g}" == f"{loss:.4g}"
   a, b = _final_params(killed), _final_params(straight)
-  import jax
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The rows the killed run logged after its last checkpoint were dropped on resume: the log is the
-  # uninterrupted run's, row for row (windows of log_every = 4 steps align with the checkpoints).
+  # uninterrupted run's, row for row (windows of log_every = 4 steps align with the checkpoints);
+  # only the wall-clock differs, and it never runs backwards.
   rows = lambda w: [json.loads(l) for l in open(w / "metrics.jsonl")]
-  assert rows(killed) == rows(straight)
+  untimed = lambda w: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows(w)]
+  assert untimed(killed) == untimed(straight)
+  clock = [r["train_seconds"] for r in rows(killed)]
+  assert clock == sorted(clock) and clock[0] > 0
 
 
 @pytest.mark.slow
@@ -217,3 +234,88 @@ def test_every_preset_and_variant_resolves_and_passes_checks():
     assert module.get_config("cpu").grpo.sampler == "precise"
     fg = module.get_config("cpu,flow_grpo").grpo
     assert (fg.sampler, fg.eta, fg.clip_range) == ("flow_grpo", 0.7, 1e-4)
+
+
+def _eval_rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "evaluations.jsonl"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHARED_RUNS))
+def test_eval_mode_reevaluates_a_checkpoint_without_training(name, tmp_path, smoke_runs):
+  """--mode eval on a finished run (from another directory): the task's metrics at the final step,
+  equal to the training run's own final evaluation, printed and appended to evaluations.jsonl; the
+  checkpoints and metrics.jsonl are untouched."""
+  workdir = pathlib.Path(smoke_runs.copy(name, tmp_path, with_needed=True))
+  before = {p: (workdir / p).read_bytes() for p in ("metrics.jsonl", "config.json")}
+  steps = sorted(os.listdir(workdir / "checkpoints"))
+  r = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={workdir}"],
+                     cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  final = [row for row in map(json.loads, open(workdir / "metrics.jsonl"))
+           if any(k.startswith("eval/") for k in row)][-1]
+  (row,) = _eval_rows(workdir)
+  assert row["step"] == final["step"]
+  evals = {k: v for k, v in final.items() if k.startswith("eval/")}
+  assert evals and set(evals) <= set(row)
+  for k, v in evals.items():
+    np.testing.assert_allclose(row[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert f"{k} {row[k]:.4g}" in r.stdout
+  assert {p: (workdir / p).read_bytes() for p in before} == before
+  assert sorted(os.listdir(workdir / "checkpoints")) == steps
+  assert "training" not in r.stdout
+  assert os.listdir(workdir / "tensorboard_eval")
+
+
+@pytest.mark.slow
+def test_eval_mode_takes_a_step_and_names_the_saved_steps(tmp_path, smoke_runs):
+  workdir = smoke_runs.copy("flow_2d_smoke", tmp_path)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  base = [sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={workdir}"]
+  run = lambda *a: subprocess.run([*base, *a], cwd=ROOT, env=cli_env(), capture_output=True,
+                                  text=True, timeout=300)
+  r = run(f"--step={steps[0]}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _eval_rows(workdir)[-1]["step"] == steps[0]
+  r = run("--step=99999")
+  assert r.returncode == 2
+  assert f"no checkpoint of step 99999" in r.stderr and f"saved steps: {steps[0]}" in r.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--mode=eval"], "--mode eval needs --workdir"),
+    (["--mode=eval", "--workdir=/nonexistent/run"], "is not a run directory (no config.json)"),
+    (["--mode=eval", "--workdir=/", f"--config={FLOW_2D}:smoke"], "is not a run directory"),
+    (["--mode=score", "--workdir=/"], "--mode='score'; expected train or eval"),
+    ([f"--config={FLOW_2D}:smoke", "--workdir=/tmp/x", "--step=3"], "--step is for --mode eval"),
+])
+def test_bad_eval_command_lines_get_one_line(args, expected):
+  r = subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=cli_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+@pytest.mark.slow
+def test_restore_params_reads_only_the_workdir(tmp_path, smoke_runs, monkeypatch):
+  """A GRPO run restored from an unrelated directory with its base run gone: restore_params builds
+  nothing (no data, no base run, no training) and writes nothing; building the task says the base
+  run is missing instead of training one."""
+  import experiments.tasks  # noqa: F401
+  from core import train
+  workdir = smoke_runs.copy("precise_2d_smoke", tmp_path / "moved")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  params, config = train.restore_params(workdir)
+  assert config.task == "flow_grpo" and config.grpo.base_workdir == "../flow_2d_smoke"
+  base, _ = train.restore_params(smoke_runs.path("flow_2d_smoke"))
+  assert jax.tree.structure(params) == jax.tree.structure(base)       # full fine-tuning: same tree
+  assert any(np.any(np.asarray(a) != np.asarray(b))
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base)))
+  with pytest.raises(FileNotFoundError, match="moved/flow_2d_smoke.* is at step 0 of"):
+    train.build_task(config, workdir)
+  assert os.listdir(elsewhere) == [] and sorted(os.listdir(tmp_path / "moved")) == ["precise_2d_smoke"]
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    train.restore_params(str(elsewhere))

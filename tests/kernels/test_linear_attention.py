@@ -267,9 +267,10 @@ def test_shard_map_matches_unsharded(rng, impl):
   """Batch over "data", heads over "model" on 8 fake devices: output and grads equal unsharded."""
   mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
   q, k, v, g = _inputs(rng, 257, 32, jnp.float32, b=4, h=4)
-  spec = sharding.batch_spec(4, head_axis=2)
-  sharded = sharding.shard_map(_fn(impl), mesh, in_specs=(spec, spec, spec), out_specs=spec)
-  out, grads = _value_and_grads(sharded, q, k, v, g)
+  dims = ("batch", None, "heads", None)
+  sharded = lambda q, k, v: sharding.shard_kernel(_fn(impl), (q, k, v), (dims,) * 3, dims)
+  with jax.set_mesh(mesh):
+    out, grads = _value_and_grads(sharded, q, k, v, g)
   want_out, want_grads = _value_and_grads(_fn(impl), q, k, v, g)
   _assert_close("sharded out", out, _f64(want_out), 1e-6)
   _assert_close("sharded out", out, linear_attention_np(q, k, v), TOL["float32"])

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from core import sharding
 from kernels.sigma_gate import sigma_gate
@@ -272,9 +271,11 @@ def test_shard_map_matches_unsharded(rng, impl, gate):
   mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
   d = 32
   args, ct = _inputs(rng, 257, d, d if gate == "channel" else 1, jnp.float32, b=4)
-  in_specs = (sharding.batch_spec(3), sharding.batch_spec(3), sharding.batch_spec(1), P(), P(), P())
-  sharded = sharding.shard_map(_fn(impl), mesh, in_specs=in_specs, out_specs=sharding.batch_spec(3))
-  out, grads = _value_and_grads(sharded, args, ct)
+  tokens = ("batch", None, None)
+  dims = (tokens, tokens, ("batch",), (None, None), (None,), ())
+  sharded = lambda *a: sharding.shard_kernel(_fn(impl), a, dims, tokens)
+  with jax.set_mesh(mesh):
+    out, grads = _value_and_grads(sharded, args, ct)
   want_out, want_grads = _value_and_grads(_fn(impl), args, ct)
   _assert_close("sharded out", out, _f64(want_out), 1e-6)
   _assert_close("sharded out", out, sigma_gate_np(*args), TOL["float32"])
