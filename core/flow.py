@@ -144,6 +144,19 @@ def flow_matching_batch(key: jax.Array, x0: jax.Array, *, time_kind: str = "unif
   return interpolate(x0, eps, t).astype(x0.dtype), t, velocity_target(x0, eps), eps
 
 
+def check_grid(grid) -> jax.Array:
+  """grid as a float32 [num_steps + 1] array; ValueError unless 1-D with at least two times."""
+  grid = jnp.asarray(grid, jnp.float32)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f"grid must have shape [num_steps + 1] with num_steps >= 1; got {grid.shape}")
+  return grid
+
+
+def euler_step(x: jax.Array, v: jax.Array, t, s) -> jax.Array:
+  """One Euler step of dx/dt = v from time t to s: x_s = x_t + (s - t) v, in x's dtype."""
+  return (x + (s - t) * v).astype(x.dtype)
+
+
 def euler_sample(velocity_fn: VelocityFn, x_T: jax.Array, grid, *, return_trajectory: bool = False):
   """Integrates dx/dt = velocity_fn(x, t_B) with Euler steps x_s = x_t + (s - t) v along the grid.
 
@@ -156,15 +169,12 @@ def euler_sample(velocity_fn: VelocityFn, x_T: jax.Array, grid, *, return_trajec
   Returns:
     x at grid[-1], [B, ...]; with return_trajectory, (x, trajectory [num_steps + 1, B, ...]).
   """
-  grid = jnp.asarray(grid, jnp.float32)
-  if grid.ndim != 1 or grid.shape[0] < 2:
-    raise ValueError(f"grid must have shape [num_steps + 1] with num_steps >= 1; got {grid.shape}")
+  grid = check_grid(grid)
   batch = x_T.shape[0]
 
   def step(x, t_s):
     t, s = t_s
-    v = velocity_fn(x, jnp.full((batch,), t))
-    x = (x + (s - t) * v).astype(x_T.dtype)
+    x = euler_step(x, velocity_fn(x, jnp.full((batch,), t)), t, s)
     return x, x if return_trajectory else None
 
   x, states = jax.lax.scan(step, x_T, (grid[:-1], grid[1:]))
@@ -194,8 +204,12 @@ def cfg_velocity(velocity_fn: Callable[..., jax.Array], x: jax.Array, t, cond: A
       lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)]),
       cond, null_cond)
   v2 = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]), cond2)
-  v_c, v_u = v2[:batch], v2[batch:]
-  # Written as a convex-style mix so that scale 1 and 0 return v_c and v_u bit for bit.
+  return cfg_mix(v2[:batch], v2[batch:], scale)
+
+
+def cfg_mix(v_c: jax.Array, v_u: jax.Array, scale) -> jax.Array:
+  """v_u + scale (v_c - v_u), written as a convex-style mix so that scale 1 and 0 return v_c and v_u
+  bit for bit."""
   return scale * v_c + (1 - scale) * v_u
 
 

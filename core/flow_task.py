@@ -114,6 +114,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
                               process_index=process_index, process_count=process_count,
                               transform=lambda ex, rng: to_model_input(ex, rng, config))
 
+  def loss(params, batch, key, carry):
+    value, metrics = loss_batch(params, batch, key)
+    return value, metrics, carry
+
   eval_batch = model_inputs(config, dc.eval_split, limit=int(fc.eval_size))
   eval_loss = jax.jit(lambda p, k: loss_batch(p, eval_batch, k)[0])
 
@@ -143,7 +147,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
       writers.replace_atomically(out + ".npy", lambda p: np.save(p, x))
     return {"grid": picture}
 
-  return train.Task(init_params=init_params, loss=loss_batch, train_data=train_data,
+  return train.Task(init_params=init_params, loss=loss, train_data=train_data,
                     evaluate=evaluate, sample=sample)
 
 

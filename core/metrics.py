@@ -1,9 +1,15 @@
-"""Image quality (PSNR, SSIM, on RGB or on BT.601 luma) and model cost (parameters, FLOPs).
+"""Evaluation measures the methods and their tables share.
+
+Image quality (PSNR, SSIM, on RGB or on BT.601 luma; `image_quality` over a batch), model cost
+(parameters, FLOPs, paired latencies), distances between sample sets (energy distance, sliced W1,
+with bootstrap errors), per-class diversity, and where a curve first reaches a target.
 
 PSNR and SSIM match scikit-image's `peak_signal_noise_ratio` and `structural_similarity` defaults,
 computed per image in JAX, in the inputs' float precision (float32 at least; float64 under x64).
 """
 import math
+import statistics
+import time
 from typing import Any, Callable
 
 import jax
@@ -152,3 +158,73 @@ def sliced_w1(x_NxD: np.ndarray, y_NxD: np.ndarray, rng: np.random.Generator,
   dirs_DxP = rng.standard_normal((x_NxD.shape[1], num_projections))
   dirs_DxP /= np.linalg.norm(dirs_DxP, axis=0)
   return float(np.abs(np.sort(x_NxD @ dirs_DxP, axis=0) - np.sort(y_NxD @ dirs_DxP, axis=0)).mean())
+
+
+def bootstrap_distances(x_NxD: np.ndarray, y_NxD: np.ndarray, resamples: int, *, seed: int = 0,
+                        num_projections: int = 128) -> dict[str, float]:
+  """Energy distance ("energy") and sliced W1 ("sw1") of the full sets, each with its std over
+  `resamples` bootstrap resamples of both ("energy_std", "sw1_std").
+
+  The seed fixes the resamples and the random directions, so calls with the same seed and sizes
+  compare every set on the same ones.
+  """
+  rng = np.random.default_rng(seed)
+  fns = {"energy": energy_distance,
+         "sw1": lambda x, y: sliced_w1(x, y, rng, num_projections=num_projections)}
+  out = {}
+  for name, fn in fns.items():
+    out[name] = fn(x_NxD, y_NxD)
+    boot = [fn(x_NxD[rng.integers(0, len(x_NxD), len(x_NxD))],
+               y_NxD[rng.integers(0, len(y_NxD), len(y_NxD))]) for _ in range(resamples)]
+    out[f"{name}_std"] = float(np.std(boot))
+  return out
+
+
+def class_diversity(x_NxHxWxC: np.ndarray, y_N: np.ndarray) -> float:
+  """Mean over classes of the mean L2 distance between two distinct images of that class."""
+  per_class = []
+  for c in np.unique(y_N):
+    flat_KxF = x_NxHxWxC[y_N == c].reshape(int((y_N == c).sum()), -1)
+    dist_KxK = np.sqrt(((flat_KxF[:, None] - flat_KxF[None]) ** 2).sum(-1))
+    per_class.append(dist_KxK[np.triu_indices(len(flat_KxF), 1)].mean())
+  return float(np.mean(per_class))
+
+
+def first_crossing(xs, ys, target: float) -> float | None:
+  """The x at which the curve (xs, ys), in the given order, first reaches ys >= target, linearly
+  interpolated between the point before and the first point at or above it; None when it never does.
+
+  E.g. iterations (or seconds) to a reward, or the NFE a sweep sorted by NFE needs for an accuracy.
+  """
+  for i, y in enumerate(ys):
+    if y >= target:
+      if i == 0:
+        return float(xs[0])
+      f = (target - ys[i - 1]) / (y - ys[i - 1])
+      return float(xs[i - 1] + f * (xs[i] - xs[i - 1]))
+  return None
+
+
+def image_quality(x_BxHxWxC: jax.Array, reference_BxHxWxC: jax.Array, *,
+                  psnr_cap: float = 100.0) -> dict[str, float]:
+  """Mean and std over the batch of PSNR (at most psnr_cap: identical images have infinite PSNR) and
+  SSIM against the reference, for images in [-1, 1] (clipped to it, then mapped to [0, 1])."""
+  to01 = lambda x: jnp.clip((x + 1) / 2, 0.0, 1.0)
+  a, b = to01(x_BxHxWxC), to01(reference_BxHxWxC)
+  psnr_B = np.minimum(np.asarray(psnr(a, b, data_range=1.0)), psnr_cap)
+  ssim_B = np.asarray(ssim(a, b, data_range=1.0))
+  return {"psnr": float(psnr_B.mean()), "psnr_std": float(psnr_B.std()),
+          "ssim": float(ssim_B.mean()), "ssim_std": float(ssim_B.std())}
+
+
+def paired_latencies(call: Callable[[Any], Any], a: Any, b: Any, repeats: int) -> tuple[float, float]:
+  """Median seconds of call(a) and of call(b) over `repeats` alternating pairs, after a first
+  (compiling) call of each: alternation exposes both to the same changes of machine load."""
+  def seconds(arg):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call(arg))
+    return time.perf_counter() - t0
+
+  seconds(a), seconds(b)
+  pairs = [(seconds(a), seconds(b)) for _ in range(repeats)]
+  return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)

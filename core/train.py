@@ -51,8 +51,9 @@ class TrainState:
 class Task:
   """What a method gives the trainer.
 
-  init_params: key -> float32 parameter pytree.
-  loss: (params in the compute dtype, batch of global arrays, key) -> (scalar loss, {name: scalar}).
+  init_params: key -> float32 parameter pytree (leaves may be boxed with logical axis names).
+  loss: (params in the compute dtype, batch of global arrays, key, carry) -> (scalar loss,
+    {name: scalar}, new carry). The carry is {} for a task without `init_carry` (return it as is).
   train_data: (process_index, process_count) -> iterator of this host's numpy batch slices with
     `get_state() -> dict` and `set_state(dict)` (e.g. `core.data.pipeline.BatchIterator`).
   evaluate / sample: (params, step, workdir) -> {name: scalar, or uint8 [H, W, 1 | 3] image}; called
@@ -61,12 +62,12 @@ class Task:
     `sample` also writes its files (grids) under the workdir.
   trainable: params -> pytree of bools, True where the optimiser may update (LoRA, frozen towers).
   init_carry: key -> pytree of global arrays whose leading dim is the global batch: state a task keeps
-    from one step to the next (Relay's rollout buffer), checkpointed with the train state and sharded
-    like the batch. A task with a carry has loss (params, batch, key, carry) -> (loss, metrics, carry);
-    the new carry is not differentiated.
+    from one step to the next (Relay's rollout buffer, GRPO's sampled batch), checkpointed with the
+    train state and sharded like the batch; the new carry is not differentiated.
   """
   init_params: Callable[[jax.Array], PyTree]
-  loss: Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+  loss: Callable[[PyTree, Mapping[str, jax.Array], jax.Array, PyTree],
+                 tuple[jax.Array, Mapping[str, jax.Array], PyTree]]
   train_data: Callable[[int, int], Any]
   evaluate: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
   sample: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
@@ -161,11 +162,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      if task.init_carry is None:
-        loss, metrics = task.loss(cast_floating(params, dtype), batch, key)
-        carry = state.carry
-      else:
-        loss, metrics, carry = task.loss(cast_floating(params, dtype), batch, key, state.carry)
+      loss, metrics, carry = task.loss(cast_floating(params, dtype), batch, key, state.carry)
       return loss.astype(jnp.float32), (metrics, carry)
 
     (loss, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

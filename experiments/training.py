@@ -11,14 +11,28 @@ from core import registry, train
 from experiments.configs import _base
 
 
-def table_parser(doc: str, outputs: str) -> argparse.ArgumentParser:
-  """The table scripts' common flags --preset, --runs and --out; `doc` is the script's docstring and
-  `outputs` names what it writes into --out."""
+def table_parser(doc: str, outputs: str, replot: bool = False) -> argparse.ArgumentParser:
+  """The table scripts' common flags --preset, --runs and --out (and --replot for a script that can
+  redraw its plots from its JSON); `doc` is the script's docstring and `outputs` names what it
+  writes into --out."""
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument("--preset", choices=_base.PRESETS, default="cpu")
   parser.add_argument("--runs", default="runs/tables", help="where the trained models' workdirs live")
   parser.add_argument("--out", default="results", help=f"where {outputs} go")
+  if replot:
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots from the JSON already in --out (no training or "
+                             "evaluation)")
   return parser
+
+
+def read_report(out: str, name: str) -> dict:
+  """A table's JSON report OUT/NAME (for --replot); SystemExit naming the file when it is missing."""
+  path = os.path.join(out, name)
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: --replot needs {path}; run the table without --replot first")
+  with open(path) as f:
+    return json.load(f)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -197,9 +197,7 @@ def sample(velocity_fn: flow.VelocityFn, x_T: jax.Array, grid, key: jax.Array, *
     ValueError: bad method/eta/grid, or a window holding a step to t = 0 for a method whose step
       there is deterministic (no log-probability).
   """
-  grid = jnp.asarray(grid, jnp.float32)
-  if grid.ndim != 1 or grid.shape[0] < 2:
-    raise ValueError(f"grid must have shape [num_steps + 1] with num_steps >= 1; got {grid.shape}")
+  grid = flow.check_grid(grid)
   num_steps = grid.shape[0] - 1
   check_step_args(method, grid[:-1], grid[1:], eta)
   mask = window_mask(num_steps, sde_window) & (method != "ode")
@@ -215,7 +213,7 @@ def sample(velocity_fn: flow.VelocityFn, x_T: jax.Array, grid, key: jax.Array, *
     v = velocity_fn(x, jnp.full((batch,), t))
     noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
     _, mean_sde, std_sde = sde_step(method, x, v, t, s, noise, eta)
-    mean = jnp.where(stochastic, mean_sde, (x + (s - t) * v).astype(x.dtype))
+    mean = jnp.where(stochastic, mean_sde, flow.euler_step(x, v, t, s))
     std = jnp.where(stochastic, std_sde, 0.0)
     x_next = (mean + std * noise).astype(x.dtype)
     # std 1 off the window keeps the (discarded) log-density finite, and its gradient too.

@@ -29,12 +29,13 @@ PAPER_SIZES = dict(attention=dict(B=4, H=36, D=32, N=(1024, 4096, 16384, 65536))
                    gate=dict(B=1, N=16384, D=1536, G=(1536, 1)))
 SMALL_SIZES = dict(attention=dict(B=2, H=4, D=32, N=(1024, 4096)),
                    gate=dict(B=1, N=1024, D=256, G=(256, 1)))
-# Kernel settings tried on a GPU (module attributes; the first is the module's default).
+# Kernel tilings tried on a GPU (the first is the kernel's default), passed as `block_sizes`.
+BS = common.BlockSizes
 SWEEPS = dict(
-    attention=[dict(BLOCK_N=128, NUM_WARPS=4), dict(BLOCK_N=64, NUM_WARPS=4),
-               dict(BLOCK_N=256, NUM_WARPS=4), dict(BLOCK_N=256, NUM_WARPS=8)],
-    gate=[dict(BLOCK_ROWS=64, NUM_WARPS=4), dict(BLOCK_ROWS=32, NUM_WARPS=4),
-          dict(BLOCK_ROWS=128, NUM_WARPS=4), dict(BLOCK_ROWS=128, NUM_WARPS=8)])
+    attention=[la.DEFAULT_BLOCKS, BS(rows=64, num_warps=4), BS(rows=256, num_warps=4),
+               BS(rows=256, num_warps=8)],
+    gate=[sg.DEFAULT_BLOCKS, BS(rows=32, num_warps=4), BS(rows=128, num_warps=4),
+          BS(rows=128, num_warps=8)])
 
 
 def median_seconds(fn, *args, iters: int, warmup: int = 3) -> float:
@@ -77,7 +78,8 @@ def attention_cases(sizes, key):
     q, k, v, ct = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks)
     unit = q.size * q.dtype.itemsize
     yield dict(op="linear_attention", shape=f"B={s['B']} N={n} H={s['H']} D={s['D']} bf16",
-               fn=lambda impl: (lambda q, k, v: la.linear_attention(q, k, v, impl=impl)),
+               fn=lambda impl, blocks=la.DEFAULT_BLOCKS: (
+                   lambda q, k, v: la.linear_attention(q, k, v, impl=impl, block_sizes=blocks)),
                args=(q, k, v), ct=ct, bytes_fwd=4 * unit, bytes_fwd_bwd=11 * unit, flops_fwd=None)
 
 
@@ -94,45 +96,41 @@ def gate_cases(sizes, key):
     unit = x.size * x.dtype.itemsize
     w_bytes = w.size * w.dtype.itemsize
     yield dict(op=f"sigma_gate G={'D' if g == d else 1}", shape=f"B={b} N={n} D={d} G={g} bf16",
-               fn=lambda impl: (lambda x, lq, sigma, w, bias, log_alpha:
-                                sg.sigma_gate(x, lq, sigma, w, bias, log_alpha, impl=impl)),
+               fn=lambda impl, blocks=sg.DEFAULT_BLOCKS: (
+                   lambda x, lq, sigma, w, bias, log_alpha: sg.sigma_gate(
+                       x, lq, sigma, w, bias, log_alpha, impl=impl, block_sizes=blocks)),
                args=(x, lq, sigma, w, bias, log_alpha), ct=ct,
                bytes_fwd=3 * unit + w_bytes, bytes_fwd_bwd=8 * unit + 2 * w_bytes,
                flops_fwd=2 * b * n * 2 * d * g)
 
 
-def time_case(case, impl, iters):
-  fwd = jax.jit(case["fn"](impl))
+def time_case(case, impl, iters, blocks=None):
+  fn = case["fn"](impl) if blocks is None else case["fn"](impl, blocks)
+  fwd = jax.jit(fn)
   out = fwd(*case["args"])
   t_fwd = median_seconds(fwd, *case["args"], iters=iters)
-  fb = forward_and_grads(case["fn"](impl))
+  fb = forward_and_grads(fn)
   t_fb = median_seconds(fb, *case["args"], case["ct"], iters=iters)
   return out, t_fwd, t_fb
 
 
-def bench_case(case, module, sweep, bandwidth, iters, timed_kernel):
-  """One shape: the reference's times, then the kernel's for each block size of the sweep."""
+def bench_case(case, sweep, bandwidth, iters, timed_kernel):
+  """One shape: the reference's times, then the kernel's for each BlockSizes of the sweep."""
   rows = []
   ref_out, ref_fwd, ref_fb = time_case(case, "xla", iters)
   rows.append(dict(op=case["op"], shape=case["shape"], impl="xla", block=None, fwd_ms=ref_fwd * 1e3,
                    fwd_bwd_ms=ref_fb * 1e3))
   if timed_kernel:
-    for setting in sweep:
-      label = " ".join(f"{k}={v}" for k, v in setting.items())
-      defaults = {k: getattr(module, k) for k in setting}
-      for k, v in setting.items():
-        setattr(module, k, v)
+    for blocks in sweep:
+      label = f"rows={blocks.rows} cols={blocks.cols} warps={blocks.num_warps}"
       try:
-        out, t_fwd, t_fb = time_case(case, "pallas", iters)
+        out, t_fwd, t_fb = time_case(case, "pallas", iters, blocks)
         rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=label,
                          fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3,
                          rel_err_vs_xla=relative_error(out, ref_out)))
       except Exception as e:  # one failing configuration must not lose the others' numbers
         rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=label,
                          error=f"{type(e).__name__}: {str(e)[:300]}"))
-      finally:
-        for k, v in defaults.items():
-          setattr(module, k, v)
   else:
     rows.append(dict(op=case["op"], shape=case["shape"], impl="pallas", block=None,
                      note="interpret mode: not timed"))
@@ -196,12 +194,12 @@ def main(argv=None) -> dict:
     report["interpret_max_rel_err"] = interpret_check(key)
     print("interpret-mode kernels vs reference (max relative error, forward and gradients):",
           {k: f"{v:.1e}" for k, v in report["interpret_max_rel_err"].items()}, flush=True)
-  for cases, module, sweep in ((attention_cases(sizes, key), la, SWEEPS["attention"]),
-                               (gate_cases(sizes, key), sg, SWEEPS["gate"])):
+  for cases, sweep in ((attention_cases(sizes, key), SWEEPS["attention"]),
+                       (gate_cases(sizes, key), SWEEPS["gate"])):
     if args.no_sweep:
       sweep = sweep[:1]
     for case in cases:
-      rows = bench_case(case, module, sweep, bandwidth, args.iters, timed_kernel=gpu)
+      rows = bench_case(case, sweep, bandwidth, args.iters, timed_kernel=gpu)
       table = format_table(rows)
       print(table if not report["rows"] else table.split("\n", 2)[-1], flush=True)
       report["rows"] += rows

@@ -9,6 +9,8 @@ where they do not fit. On a CPU, `interpret=True` runs the same program through 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -17,6 +19,26 @@ from jax.experimental.pallas import triton as pltriton
 IMPLS = ("auto", "xla", "pallas")
 FLOAT_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64))
 KERNEL_DTYPES = FLOAT_DTYPES[:3]  # what the compiled kernels take; float64 runs on the reference
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """A kernel's tiling, passed as an argument (frozen, so jit can key its cache on it).
+
+  rows: tokens per tile, a power of two in [16, 1024] (Triton's dot tiles need >= 16).
+  cols: output channels per tile and the matmuls' reduction step (sigma_gate), a power of two in
+    [16, 1024].
+  num_warps: Triton warps per program, a power of two in [1, 32].
+  """
+  rows: int
+  cols: int = 128
+  num_warps: int = 4
+
+  def __post_init__(self):
+    for name, lo, hi in (("rows", 16, 1024), ("cols", 16, 1024), ("num_warps", 1, 32)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or not is_pow2(value) or not lo <= value <= hi:
+        raise ValueError(f"BlockSizes.{name}={value!r}; expected a power of two in [{lo}, {hi}]")
 
 
 def on_gpu() -> bool:

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 
 from kernels import common
 
-BLOCK_N = 128            # tokens per tile
-NUM_WARPS = 4            # Triton warps per program
+# 128 tokens per tile, 4 warps: the best of the sweep in kernels/bench.py on an H100 (BENCHMARKS.md).
+DEFAULT_BLOCKS = common.BlockSizes(rows=128, num_warps=4)
 # The token reductions split each (batch, head) into chunks until there are about this many programs:
 # ~16 per H100 SM, so that each SM holds several at once and the last wave is short. A chunk's partial
 # sums cost D * Dv * 4 bytes, negligible beside the chunk's k and v once a chunk spans a few blocks.
@@ -74,7 +74,8 @@ def _unsupported(q, v) -> str | None:
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-6,
-                     impl: str = "auto", interpret: bool | None = None) -> jax.Array:
+                     impl: str = "auto", interpret: bool | None = None,
+                     block_sizes: common.BlockSizes = DEFAULT_BLOCKS) -> jax.Array:
   """ReLU linear attention: out_i = relu(q_i) S / (relu(q_i) . z + eps), per batch and head.
 
   Args:
@@ -83,37 +84,42 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1
     impl: "xla" (the reference), "pallas" (the kernel), "auto" (the kernel on a GPU where the head
       dims fit, the reference otherwise).
     interpret: run the Pallas kernel in interpret mode; None = on every backend but a GPU.
+    block_sizes: the kernel's tiling (`rows` tokens per tile, `num_warps`; `cols` is unused).
   Returns:
     [B, N, H, Dv] in v's dtype; differentiable in q, k and v.
   """
   _check_inputs(q, k, v)
+  if not isinstance(block_sizes, common.BlockSizes):
+    raise TypeError(f"linear_attention: block_sizes must be a kernels.common.BlockSizes, got "
+                    f"{type(block_sizes).__name__}")
   interpret = common.resolve_interpret(interpret)
   impl = common.choose_impl(impl, interpret, _unsupported(q, v), "linear_attention")
   if impl == "xla":
     return linear_attention_reference(q, k, v, eps=eps)
   n, nk = q.shape[1], k.shape[1]
-  block_q, block_k = common.row_block(n, BLOCK_N), common.row_block(nk, BLOCK_N)
+  block_q, block_k = common.row_block(n, block_sizes.rows), common.row_block(nk, block_sizes.rows)
   # Zero rows are inert: a zero key adds nothing to S and z, a zero query's output (sliced off) is 0.
   q_p, k_p, v_p = (common.pad_rows(q, 1, block_q), common.pad_rows(k, 1, block_k),
                    common.pad_rows(v, 1, block_k))
-  out = _linear_attention(q_p, k_p, v_p, float(eps), interpret, block_q, block_k)
+  out = _linear_attention(q_p, k_p, v_p, float(eps), interpret, block_q, block_k,
+                          block_sizes.num_warps)
   return out[:, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _linear_attention(q, k, v, eps, interpret, block_q, block_k):
-  return _forward(q, k, v, eps, interpret, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _linear_attention(q, k, v, eps, interpret, block_q, block_k, warps):
+  return _forward(q, k, v, eps, interpret, block_q, block_k, warps)[0]
 
 
-def _forward(q, k, v, eps, interpret, block_q, block_k):
-  s, z = _kv_sums(k, v, block_k, interpret)
-  return _output(q, s, z, eps, block_q, interpret), (q, k, v, s, z)
+def _forward(q, k, v, eps, interpret, block_q, block_k, warps):
+  s, z = _kv_sums(k, v, block_k, interpret, warps)
+  return _output(q, s, z, eps, block_q, interpret, warps), (q, k, v, s, z)
 
 
-def _backward(eps, interpret, block_q, block_k, residuals, g):
+def _backward(eps, interpret, block_q, block_k, warps, residuals, g):
   q, k, v, s, z = residuals
-  dq, ds, dz = _query_grads(q, g, s, z, eps, block_q, interpret)
-  dk, dv = _key_grads(k, v, ds, dz, block_k, interpret)
+  dq, ds, dz = _query_grads(q, g, s, z, eps, block_q, interpret, warps)
+  dk, dv = _key_grads(k, v, ds, dz, block_k, interpret, warps)
   return dq, dk, dv
 
 
@@ -152,7 +158,7 @@ def _kv_sums_kernel(k_ref, v_ref, s_ref, z_ref, *, block, steps, precision):
   z_ref[...] = z
 
 
-def _kv_sums(k, v, block, interpret):
+def _kv_sums(k, v, block, interpret, warps):
   """k [B, Nk, H, D], v [B, Nk, H, Dv] (Nk a multiple of block) -> S [B, H, D, Dv], z [B, H, 1, D]."""
   b, nk, h, d = k.shape
   dv = v.shape[-1]
@@ -168,7 +174,7 @@ def _kv_sums(k, v, block, interpret):
                  pl.BlockSpec((None, None, None, 1, d), lambda i, j, c: (i, j, c, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, h, chunks, d, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, chunks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
+      compiler_params=common.triton_params(warps, num_stages=3), interpret=interpret,
       name="linear_attention_kv_sums")(k, v)
   return s_part.sum(axis=2), z_part.sum(axis=2)
 
@@ -181,7 +187,7 @@ def _output_kernel(q_ref, s_ref, z_ref, o_ref, *, eps, precision):
   o_ref[...] = (num / den).astype(o_ref.dtype)
 
 
-def _output(q, s, z, eps, block, interpret):
+def _output(q, s, z, eps, block, interpret, warps):
   """q [B, N, H, D], S [B, H, D, Dv], z [B, H, 1, D] -> out [B, N, H, Dv] in q's dtype."""
   b, n, h, d = q.shape
   dv = s.shape[-1]
@@ -193,7 +199,7 @@ def _output(q, s, z, eps, block, interpret):
                 pl.BlockSpec((None, None, 1, d), lambda i, j, t: (i, j, 0, 0))],
       out_specs=pl.BlockSpec((None, block, None, dv), lambda i, j, t: (i, t, j, 0)),
       out_shape=jax.ShapeDtypeStruct((b, n, h, dv), q.dtype),
-      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
+      compiler_params=common.triton_params(warps), interpret=interpret,
       name="linear_attention_output")(q, s, z)
 
 
@@ -225,7 +231,7 @@ def _query_grads_kernel(q_ref, g_ref, s_ref, z_ref, dq_ref, ds_ref, dz_ref, *, b
   dz_ref[...] = dz
 
 
-def _query_grads(q, g, s, z, eps, block, interpret):
+def _query_grads(q, g, s, z, eps, block, interpret, warps):
   """q [B, N, H, D], g [B, N, H, Dv] -> dq [B, N, H, D], dS [B, H, D, Dv], dz [B, H, 1, D]."""
   b, n, h, d = q.shape
   dv = g.shape[-1]
@@ -245,7 +251,7 @@ def _query_grads(q, g, s, z, eps, block, interpret):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, chunks, d, dv), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, chunks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
+      compiler_params=common.triton_params(warps, num_stages=3), interpret=interpret,
       name="linear_attention_query_grads")(q, g, s, z)
   return dq, ds_part.sum(axis=2), dz_part.sum(axis=2)
 
@@ -259,7 +265,7 @@ def _key_grads_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, precision
   dv_ref[...] = _dot(jnp.maximum(k, 0.0), ds, (1, 0), precision).astype(dv_ref.dtype)
 
 
-def _key_grads(k, v, ds, dz, block, interpret):
+def _key_grads(k, v, ds, dz, block, interpret, warps):
   """k [B, Nk, H, D], v [B, Nk, H, Dv], dS [B, H, D, Dv], dz [B, H, 1, D] -> dk, dv."""
   b, nk, h, d = k.shape
   dv = v.shape[-1]
@@ -273,5 +279,5 @@ def _key_grads(k, v, ds, dz, block, interpret):
       out_specs=[pl.BlockSpec((None, block, None, d), lambda i, j, t: (i, t, j, 0)),
                  pl.BlockSpec((None, block, None, dv), lambda i, j, t: (i, t, j, 0))],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
+      compiler_params=common.triton_params(warps), interpret=interpret,
       name="linear_attention_key_grads")(k, v, ds, dz)

@@ -18,6 +18,7 @@ writing each row block's share of dw.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,9 +28,8 @@ from jax.experimental import pallas as pl
 
 from kernels import common
 
-BLOCK_ROWS = 64      # tokens per tile
-BLOCK_COLS = 128     # output channels per tile and the matmuls' reduction step
-NUM_WARPS = 4        # Triton warps per program
+# 64 tokens x 128 channels per tile, 4 warps: the default of the sweep in kernels/bench.py.
+DEFAULT_BLOCKS = common.BlockSizes(rows=64, cols=128, num_warps=4)
 
 
 def sigma_gate_reference(x, lq, sigma, w, b, log_alpha) -> jax.Array:
@@ -68,14 +68,14 @@ def _unsupported(x) -> str | None:
   d = x.shape[-1]
   if x.dtype not in common.KERNEL_DTYPES:
     return f"it takes float32, bfloat16 or float16, got {x.dtype}"
-  if common.pow2_tile(d, BLOCK_COLS) is None:
+  if common.pow2_tile(d, 1024) is None:
     return f"D must be a multiple of 16, got {d}"
   return None
 
 
 def sigma_gate(x: jax.Array, lq: jax.Array, sigma: jax.Array, w: jax.Array, b: jax.Array,
-               log_alpha: jax.Array, *, impl: str = "auto",
-               interpret: bool | None = None) -> jax.Array:
+               log_alpha: jax.Array, *, impl: str = "auto", interpret: bool | None = None,
+               block_sizes: common.BlockSizes = DEFAULT_BLOCKS) -> jax.Array:
   """x + sigmoid(concat(x, lq) @ w + b - exp(log_alpha) * sigma) * lq.
 
   Args:
@@ -85,9 +85,13 @@ def sigma_gate(x: jax.Array, lq: jax.Array, sigma: jax.Array, w: jax.Array, b: j
     impl: "xla" (the reference), "pallas" (the kernels), "auto" (the kernels on a GPU where D fits,
       the reference otherwise).
     interpret: run the Pallas kernels in interpret mode; None = on every backend but a GPU.
+    block_sizes: the kernels' tiling (`rows` tokens x `cols` channels per tile, `num_warps`).
   Returns:
     [B, N, D] in x's dtype; differentiable in every argument.
   """
+  if not isinstance(block_sizes, common.BlockSizes):
+    raise TypeError(f"sigma_gate: block_sizes must be a kernels.common.BlockSizes, got "
+                    f"{type(block_sizes).__name__}")
   x, lq, sigma, w, b, log_alpha = (jnp.asarray(a) for a in (x, lq, sigma, w, b, log_alpha))
   _check_inputs(x, lq, sigma, w, b, log_alpha)
   interpret = common.resolve_interpret(interpret)
@@ -98,32 +102,32 @@ def sigma_gate(x: jax.Array, lq: jax.Array, sigma: jax.Array, w: jax.Array, b: j
   c_Bx1xG = (b.astype(jnp.float32) - jnp.exp(log_alpha.astype(jnp.float32))
              * sigma.astype(jnp.float32)[:, None])[:, None, :]
   w_x, w_lq = w[:d].astype(x.dtype), w[d:].astype(x.dtype)
-  block_n = common.row_block(n, BLOCK_ROWS)
+  blocks = dataclasses.replace(block_sizes, rows=common.row_block(n, block_sizes.rows))
   # Zero rows are inert: their output (sliced off) is 0 and their cotangent is 0.
-  x_p, lq_p = common.pad_rows(x, 1, block_n), common.pad_rows(lq, 1, block_n)
-  return _sigma_gate(x_p, lq_p, w_x, w_lq, c_Bx1xG, interpret, block_n)[:, :n]
+  x_p, lq_p = common.pad_rows(x, 1, blocks.rows), common.pad_rows(lq, 1, blocks.rows)
+  return _sigma_gate(x_p, lq_p, w_x, w_lq, c_Bx1xG, interpret, blocks)[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _sigma_gate(x, lq, w_x, w_lq, c, interpret, block_n):
-  return _forward(x, lq, w_x, w_lq, c, interpret, block_n)[0]
+def _sigma_gate(x, lq, w_x, w_lq, c, interpret, blocks):
+  return _forward(x, lq, w_x, w_lq, c, interpret, blocks)[0]
 
 
-def _forward(x, lq, w_x, w_lq, c, interpret, block_n):
+def _forward(x, lq, w_x, w_lq, c, interpret, blocks):
   gate = _channel_gate if w_x.shape[1] > 1 else _token_gate
-  return gate(x, lq, w_x, w_lq, c, block_n, interpret), (x, lq, w_x, w_lq, c)
+  return gate(x, lq, w_x, w_lq, c, blocks, interpret), (x, lq, w_x, w_lq, c)
 
 
-def _backward(interpret, block_n, residuals, g):
+def _backward(interpret, blocks, residuals, g):
   x, lq, w_x, w_lq, c = residuals
   if w_x.shape[1] > 1:
-    da, gs = _channel_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret)
-    dx, dlq = _channel_input_grads(g, gs, da, w_x, w_lq, block_n, interpret)
+    da, gs = _channel_gate_grads(x, lq, g, w_x, w_lq, c, blocks, interpret)
+    dx, dlq = _channel_input_grads(g, gs, da, w_x, w_lq, blocks, interpret)
     f32, hi = jnp.float32, common.dot_precision(x.dtype)
     dw_x = jnp.einsum("bnd,bng->dg", x, da, preferred_element_type=f32, precision=hi)
     dw_lq = jnp.einsum("bnd,bng->dg", lq, da, preferred_element_type=f32, precision=hi)
   else:
-    dx, dlq, da, dw_x, dw_lq = _token_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret)
+    dx, dlq, da, dw_x, dw_lq = _token_gate_grads(x, lq, g, w_x, w_lq, c, blocks, interpret)
   dc = da.astype(jnp.float32).sum(axis=1, keepdims=True)
   return dx, dlq, dw_x.astype(w_x.dtype), dw_lq.astype(w_lq.dtype), dc
 
@@ -168,45 +172,45 @@ def _channel_grads_kernel(x_ref, lq_ref, g_ref, wx_ref, wlq_ref, c_ref, da_ref, 
   gs_ref[...] = (g * s).astype(gs_ref.dtype)
 
 
-def _channel_specs(block_n, d):
+def _channel_specs(blocks, d):
   """BlockSpecs for a grid (channel block, batch, row block) over [B, N, D] arrays: a whole-width row
   block, the program's [bn, bc] tile, w's column and row blocks, the bias's column block."""
-  block_c = common.pow2_tile(d, BLOCK_COLS) or d
+  block_c = common.pow2_tile(d, blocks.cols) or d
   return dict(
-      rows=pl.BlockSpec((None, block_n, d), lambda j, i, t: (i, t, 0)),
-      tile=pl.BlockSpec((None, block_n, block_c), lambda j, i, t: (i, t, j)),
+      rows=pl.BlockSpec((None, blocks.rows, d), lambda j, i, t: (i, t, 0)),
+      tile=pl.BlockSpec((None, blocks.rows, block_c), lambda j, i, t: (i, t, j)),
       w_cols=pl.BlockSpec((d, block_c), lambda j, i, t: (0, j)),
       w_rows=pl.BlockSpec((block_c, d), lambda j, i, t: (j, 0)),
       c_cols=pl.BlockSpec((None, 1, block_c), lambda j, i, t: (i, 0, j)))
 
 
-def _channel_call(kernel, inputs, in_specs, num_outputs, block_n, interpret, name):
+def _channel_call(kernel, inputs, in_specs, num_outputs, blocks, interpret, name):
   """A pallas_call over (channel block, batch, row block) writing num_outputs [B, N, D] tiles in
   the first input's dtype. The channel-block axis comes first because Triton launches grid axis 0
   fastest: the programs that share a row block of x and lq then run together and read it from L2."""
   b, n, d = inputs[0].shape
-  specs = _channel_specs(block_n, d)
+  specs = _channel_specs(blocks, d)
   block_c = specs["tile"].block_shape[-1]
   return pl.pallas_call(
       functools.partial(kernel, block_k=block_c, precision=common.dot_precision(inputs[0].dtype)),
-      grid=(d // block_c, b, n // block_n),
+      grid=(d // block_c, b, n // blocks.rows),
       in_specs=[specs[k] for k in in_specs], out_specs=[specs["tile"]] * num_outputs,
       out_shape=[jax.ShapeDtypeStruct((b, n, d), inputs[0].dtype)] * num_outputs,
-      compiler_params=common.triton_params(NUM_WARPS, num_stages=3), interpret=interpret,
+      compiler_params=common.triton_params(blocks.num_warps, num_stages=3), interpret=interpret,
       name=name)(*inputs)
 
 
-def _channel_gate(x, lq, w_x, w_lq, c, block_n, interpret):
+def _channel_gate(x, lq, w_x, w_lq, c, blocks, interpret):
   [out] = _channel_call(_channel_gate_kernel, (x, lq, w_x, w_lq, c),
-                        ("rows", "rows", "w_cols", "w_cols", "c_cols"), 1, block_n, interpret,
+                        ("rows", "rows", "w_cols", "w_cols", "c_cols"), 1, blocks, interpret,
                         "sigma_gate_channel")
   return out
 
 
-def _channel_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret):
+def _channel_gate_grads(x, lq, g, w_x, w_lq, c, blocks, interpret):
   """-> da (the gate logits' cotangent) and g * s, both [B, N, D] in x's dtype."""
   return _channel_call(_channel_grads_kernel, (x, lq, g, w_x, w_lq, c),
-                       ("rows", "rows", "tile", "w_cols", "w_cols", "c_cols"), 2, block_n,
+                       ("rows", "rows", "tile", "w_cols", "w_cols", "c_cols"), 2, blocks,
                        interpret, "sigma_gate_channel_grads")
 
 
@@ -227,10 +231,10 @@ def _input_grads_kernel(g_ref, gs_ref, da_ref, wx_ref, wlq_ref, dx_ref, dlq_ref,
   dlq_ref[...] = (gs_ref[...].astype(jnp.float32) + acc_lq).astype(dlq_ref.dtype)
 
 
-def _channel_input_grads(g, gs, da, w_x, w_lq, block_n, interpret):
+def _channel_input_grads(g, gs, da, w_x, w_lq, blocks, interpret):
   """-> dx, dlq [B, N, D]."""
   return _channel_call(_input_grads_kernel, (g, gs, da, w_x, w_lq),
-                       ("tile", "tile", "rows", "w_rows", "w_rows"), 2, block_n, interpret,
+                       ("tile", "tile", "rows", "w_rows", "w_rows"), 2, blocks, interpret,
                        "sigma_gate_input_grads")
 
 
@@ -287,38 +291,39 @@ def _token_grads_kernel(x_ref, lq_ref, g_ref, wx_ref, wlq_ref, c_ref, dx_ref, dl
   lax.fori_loop(0, x_ref.shape[1] // block_k, body, 0)
 
 
-def _token_specs(block_n, d):
-  rows = pl.BlockSpec((None, block_n, d), lambda i, t: (i, t, 0))
+def _token_specs(blocks, d):
+  rows = pl.BlockSpec((None, blocks.rows, d), lambda i, t: (i, t, 0))
   weight = pl.BlockSpec((1, d), lambda i, t: (0, 0))
   bias = pl.BlockSpec((None, 1, 1), lambda i, t: (i, 0, 0))
   return rows, weight, bias
 
 
-def _token_gate(x, lq, w_x, w_lq, c, block_n, interpret):
+def _token_gate(x, lq, w_x, w_lq, c, blocks, interpret):
   b, n, d = x.shape
-  rows, weight, bias = _token_specs(block_n, d)
+  rows, weight, bias = _token_specs(blocks, d)
   return pl.pallas_call(
-      functools.partial(_token_gate_kernel, block_k=common.pow2_tile(d, BLOCK_COLS) or d),
-      grid=(b, n // block_n), in_specs=[rows, rows, weight, weight, bias], out_specs=rows,
+      functools.partial(_token_gate_kernel, block_k=common.pow2_tile(d, blocks.cols) or d),
+      grid=(b, n // blocks.rows), in_specs=[rows, rows, weight, weight, bias], out_specs=rows,
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret, name="sigma_gate_token")(x, lq, w_x.T, w_lq.T, c)
+      compiler_params=common.triton_params(blocks.num_warps), interpret=interpret,
+      name="sigma_gate_token")(x, lq, w_x.T, w_lq.T, c)
 
 
-def _token_gate_grads(x, lq, g, w_x, w_lq, c, block_n, interpret):
+def _token_gate_grads(x, lq, g, w_x, w_lq, c, blocks, interpret):
   """-> dx, dlq [B, N, D]; da [B, N, 1] (float32); dw_x, dw_lq [D, 1] (float32)."""
   b, n, d = x.shape
-  blocks = n // block_n
-  rows, weight, bias = _token_specs(block_n, d)
+  num_blocks = n // blocks.rows
+  rows, weight, bias = _token_specs(blocks, d)
   dw_part = pl.BlockSpec((None, None, 1, d), lambda i, t: (i, t, 0, 0))
   dx, dlq, da, dwx_part, dwlq_part = pl.pallas_call(
-      functools.partial(_token_grads_kernel, block_k=common.pow2_tile(d, BLOCK_COLS) or d),
-      grid=(b, blocks), in_specs=[rows, rows, rows, weight, weight, bias],
-      out_specs=[rows, rows, pl.BlockSpec((None, block_n, 1), lambda i, t: (i, t, 0)),
+      functools.partial(_token_grads_kernel, block_k=common.pow2_tile(d, blocks.cols) or d),
+      grid=(b, num_blocks), in_specs=[rows, rows, rows, weight, weight, bias],
+      out_specs=[rows, rows, pl.BlockSpec((None, blocks.rows, 1), lambda i, t: (i, t, 0)),
                  dw_part, dw_part],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((b, n, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((b, blocks, 1, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, blocks, 1, d), jnp.float32)],
-      compiler_params=common.triton_params(NUM_WARPS), interpret=interpret,
+                 jax.ShapeDtypeStruct((b, num_blocks, 1, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, num_blocks, 1, d), jnp.float32)],
+      compiler_params=common.triton_params(blocks.num_warps), interpret=interpret,
       name="sigma_gate_token_grads")(x, lq, g, w_x.T, w_lq.T, c)
   return dx, dlq, da, dwx_part.sum(axis=(0, 1)).T, dwlq_part.sum(axis=(0, 1)).T

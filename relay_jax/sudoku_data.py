@@ -19,11 +19,14 @@ on the fly cannot produce a test puzzle. Features: `puzzle` int8 [81] (0 = blank
 int8 [81], `backtracks` int32 (search dead ends; 0 = singles solve it), `clues` int32.
 
 Puzzle files (`read_puzzle_file`): one puzzle per line, `PUZZLE` or `PUZZLE<TAB>SOLUTION`, each
-81 characters of 1-9 with '.' or '0' for blanks; blank lines and lines starting with '#' skipped.
+81 characters of 1-9 with '.' or '0' for blanks, optionally followed by more tab-separated columns
+(a rating, as public Sudoku sets carry), which are ignored; blank lines and lines starting with '#'
+skipped.
 """
 from collections.abc import Iterator
 import dataclasses
 import os
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -145,10 +148,15 @@ def random_symmetry(example: Example, rng: np.random.Generator) -> Example:
           "solution": solution_Bx81.reshape(solution.shape)}
 
 
-def read_puzzle_file(path: str | os.PathLike
-                     ) -> Iterator[tuple[int, np.ndarray | ValueError, np.ndarray | None]]:
-  """Yields (line number from 1, puzzle int8 [81] or the ValueError saying why the line is bad,
-  solution int8 [81] or None) for each puzzle line of a file (format in the module docstring).
+class PuzzleLine(NamedTuple):
+  number: int                          # line number, from 1
+  puzzle: np.ndarray | ValueError      # int8 [81], or why the line is bad
+  solution: np.ndarray | None          # int8 [81], or None when the line has none (or is bad)
+  ignored_columns: int                 # tab-separated columns after the solution
+
+
+def read_puzzle_file(path: str | os.PathLike) -> Iterator[PuzzleLine]:
+  """Yields a PuzzleLine for each puzzle line of a file (format in the module docstring).
 
   A solution must be a complete valid grid that agrees with the puzzle's clues. Bad lines are
   reported, not raised, so that a command-line tool can name them and go on.
@@ -158,19 +166,17 @@ def read_puzzle_file(path: str | os.PathLike
       line = line.strip()
       if not line or line.startswith("#"):
         continue
+      fields = line.split("\t")
       try:
-        puzzle, solution = _parse_line(line)
+        puzzle, solution = _parse_fields(fields[:2])
       except ValueError as error:
         puzzle, solution = error, None
-      yield number, puzzle, solution
+      yield PuzzleLine(number, puzzle, solution, max(0, len(fields) - 2))
 
 
-def _parse_line(line: str) -> tuple[np.ndarray, np.ndarray | None]:
-  """'PUZZLE' or 'PUZZLE<TAB>SOLUTION' -> (puzzle [81], solution [81] or None), or ValueError."""
-  fields = line.split("\t")
-  if len(fields) > 2:
-    raise ValueError(f"expected PUZZLE or PUZZLE<TAB>SOLUTION, got {len(fields)} tab-separated "
-                     "fields")
+def _parse_fields(fields: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+  """[PUZZLE] or [PUZZLE, SOLUTION] -> (puzzle [81], solution [81] or None), or ValueError."""
+  fields = [f.strip() for f in fields]
   puzzle_81 = sudoku.parse_puzzle(fields[0])
   if len(fields) == 1:
     return puzzle_81, None

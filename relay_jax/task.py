@@ -51,9 +51,10 @@ def make_loss(config, apply, vocab_mask_id: int, length: int, select=None, block
   """The task's loss (and carry initialiser) for config.relay.objective."""
   objective, r = check_objective(config), config.relay
   if objective == "mlm":
-    def loss(params, batch, key):
-      return objectives.mlm_loss(apply, params, batch["x0"], batch["maskable"], vocab_mask_id, key,
-                                 block_size=block_size)
+    def loss(params, batch, key, carry):
+      value, metrics = objectives.mlm_loss(apply, params, batch["x0"], batch["maskable"],
+                                           vocab_mask_id, key, block_size=block_size)
+      return value, metrics, carry
     return loss, None
 
   def loss(params, batch, key, buffer):

@@ -5,7 +5,7 @@ from core.nn.embeddings import (ConditionEmbedder, LabelEmbedder, TimestepEmbedd
                                 rope_1d, rope_2d, sincos_2d, timestep_embedding)
 from core.nn.flow_mlp import FlowMLP
 from core.nn.gate import SigmaGate, gated_injection
-from core.nn.lora import apply_with_lora, init_lora, lora_only, merge, unmerge
+from core.nn.lora import apply_with_lora, init_lora, merge, unmerge
 from core.nn.mlp import MixFFN, Mlp, SwiGLU
 from core.nn.norm import make_norm
 from core.nn.patch import patchify, unpatchify

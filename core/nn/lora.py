@@ -11,12 +11,11 @@ x W + b + scale * (x A) B by intercepting nn.Dense / nn.DenseGeneral calls, so m
 changes; `merge` folds the factors into the kernels for inference and `unmerge` takes them out.
 """
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import linen as nn
 from flax import traverse_util
 
@@ -135,20 +134,3 @@ def merge(params: Any, lora_params: Any, scale=1.0) -> dict:
 def unmerge(merged: Any, lora_params: Any, scale=1.0) -> dict:
   """The inverse of `merge` (up to float rounding): W - scale * A @ B."""
   return _add_product(merged, lora_params, -scale)
-
-
-def lora_only(tx: optax.GradientTransformation,
-              lora_key: str = "lora") -> optax.GradientTransformation:
-  """tx for the `lora_key` subtree of a {"base": ..., "lora": ...} tree; zero updates elsewhere.
-
-  optax.set_to_zero gives the frozen leaves exact zero updates (so they stay bitwise equal) and no
-  optimiser state.
-  """
-  def labels(tree):
-    if not isinstance(tree, Mapping) or lora_key not in tree:
-      raise ValueError(f"lora_only expects a dict with a {lora_key!r} entry, e.g. "
-                       f"{{'base': params, {lora_key!r}: lora_params}}")
-    return {k: jax.tree.map(lambda _: "train" if k == lora_key else "freeze", v)
-            for k, v in tree.items()}
-
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow_task, metrics, train, writers
-from experiments.training import table_parser, train_timed
 from core.data import two_d
+from experiments import plots
 from experiments.configs import flow_2d, flow_images
+from experiments.training import table_parser, train_timed
+from flowrl import rewards
 
 STEPS = (10, 20, 50)
 CFG_SCALES = (1.0, 2.0, 4.0)
@@ -39,21 +40,8 @@ EVAL_SIZES = {"smoke": {"points": 512, "resamples": 4, "per_class": 2},
 # Distances between point sets
 
 
-def distances(x_NxD: np.ndarray, y_NxD: np.ndarray, resamples: int, seed: int = 0) -> dict[str, float]:
-  """Energy distance and sliced W1 on the full sets, each with its std over bootstrap resamples of both.
-
-  The seed fixes the resamples and the first set of directions, so every call compares on the same ones.
-  """
-  rng = np.random.default_rng(seed)
-  fns = {"energy": metrics.energy_distance,
-         "sw1": lambda x, y: metrics.sliced_w1(x, y, rng, num_projections=NUM_PROJECTIONS)}
-  out = {}
-  for name, fn in fns.items():
-    out[name] = fn(x_NxD, y_NxD)
-    boot = [fn(x_NxD[rng.integers(0, len(x_NxD), len(x_NxD))],
-               y_NxD[rng.integers(0, len(y_NxD), len(y_NxD))]) for _ in range(resamples)]
-    out[f"{name}_std"] = float(np.std(boot))
-  return out
+def distances(x_NxD: np.ndarray, y_NxD: np.ndarray, resamples: int) -> dict[str, float]:
+  return metrics.bootstrap_distances(x_NxD, y_NxD, resamples, num_projections=NUM_PROJECTIONS)
 
 
 def ring_fraction(x_Nx2: np.ndarray) -> float:
@@ -93,26 +81,16 @@ def evaluate_2d(workdir: str, out_dir: str, sizes: dict) -> dict:
           "num_projections": NUM_PROJECTIONS, "rows": rows}
 
 
-def class_diversity(x_NxHxWxC: np.ndarray, y_N: np.ndarray) -> float:
-  """Mean over classes of the mean L2 distance between two distinct images of that class."""
-  per_class = []
-  for c in np.unique(y_N):
-    flat_KxF = x_NxHxWxC[y_N == c].reshape(int((y_N == c).sum()), -1)
-    dist_KxK = np.sqrt(((flat_KxF[:, None] - flat_KxF[None]) ** 2).sum(-1))
-    per_class.append(dist_KxK[np.triu_indices(len(flat_KxF), 1)].mean())
-  return float(np.mean(per_class))
-
-
 def evaluate_digits(workdir: str, out_dir: str, sizes: dict) -> dict:
   """Class consistency (by a classifier trained on real digits) and diversity of EMA samples per setting."""
   params, config = train.restore_params(workdir)
-  train_set = flow_task.model_inputs(config, "train")
   test_set = flow_task.model_inputs(config, config.data.eval_split)
-  flat = lambda x: x.reshape(len(x), -1)
-  classifier = LogisticRegression(max_iter=2000).fit(flat(train_set["x"]), train_set["y"])
+  # The digit classifier of the GRPO reward: a logistic regression on the train split.
+  w, b = rewards.digit_classifier(config.data.config)
+  predict = lambda x: np.argmax(x.reshape(len(x), -1) @ w + b, axis=-1)
   k = sizes["per_class"]
   labels_N = np.repeat(np.arange(config.model.num_classes), k)   # class-major: a grid row is one class
-  noise = jax.random.normal(jax.random.PRNGKey(0), (len(labels_N), *train_set["x"].shape[1:]))
+  noise = jax.random.normal(jax.random.PRNGKey(0), (len(labels_N), *test_set["x"].shape[1:]))
   # The trained config's own scale is always in the sweep: the sample grid shows it.
   scales = sorted(set(CFG_SCALES) | {float(config.flow.cfg_scale)})
   rows = []
@@ -121,15 +99,18 @@ def evaluate_digits(workdir: str, out_dir: str, sizes: dict) -> dict:
       sampler = sampler_at(config, steps, scale)
       images = np.clip(np.asarray(sampler(params, noise, jnp.asarray(labels_N, jnp.int32))), -1.0, 1.0)
       rows.append({"steps": steps, "cfg_scale": scale,
-                   "class_accuracy": float((classifier.predict(flat(images)) == labels_N).mean()),
-                   "diversity": class_diversity(images, labels_N)})
+                   "class_accuracy": float((predict(images) == labels_N).mean()),
+                   "diversity": metrics.class_diversity(images, labels_N)})
       if steps == STEPS[-1] and scale == config.flow.cfg_scale:
-        writers.save_image_grid(images, os.path.join(out_dir, "flow_digits_samples.png"), ncol=k)
+        plots.sample_grid(
+            images, os.path.join(out_dir, "flow_digits_samples.png"), ncol=k,
+            row_labels=[str(c) for c in range(config.model.num_classes)], ylabel="conditioning class",
+            title=f"digits DiT: {k} samples per class, {steps} Euler steps, CFG {scale:g}")
   return {"params": metrics.param_count(params), "num_classes": int(config.model.num_classes),
           "per_class": k, "num_samples": len(labels_N),
           "grid_steps": STEPS[-1], "grid_cfg_scale": float(config.flow.cfg_scale),
-          "classifier_test_accuracy": float(classifier.score(flat(test_set["x"]), test_set["y"])),
-          "real_diversity": class_diversity(test_set["x"], test_set["y"]), "rows": rows}
+          "classifier_test_accuracy": float((predict(test_set["x"]) == test_set["y"]).mean()),
+          "real_diversity": metrics.class_diversity(test_set["x"], test_set["y"]), "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +158,7 @@ def _change(before: float, after: float, decimals: int) -> str:
 def _table_digits(dig: dict) -> list[str]:
   real = dig["real_diversity"]
   lines = [f"{dig['per_class']} samples per class, the same noise for every setting. Class accuracy: how "
-           "often a logistic-regression classifier trained here on the digits train split predicts the "
+           "often the logistic-regression digit classifier of the GRPO reward (`flowrl.rewards`, fit on the digits train split) predicts the "
            f"conditioning class (on the real test split it is right {dig['classifier_test_accuracy']:.1%} "
            "of the time). Diversity: mean L2 distance between two images of the same class, averaged over "
            f"classes (real test digits: {real:.2f}).", "",

@@ -27,9 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
-from core import flow, flow_task, train, writers  # noqa: E402
+from core import flow, flow_task, metrics, train, writers  # noqa: E402
 from experiments.configs import flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
-from experiments.tables.flow import distances  # noqa: E402
 from experiments.training import read_jsonl, table_parser, train_timed  # noqa: E402
 from flowrl import samplers, task as flowrl_task  # noqa: E402
 
@@ -74,7 +73,7 @@ def consistency(preset: str, runs: str, sizes: dict) -> dict:
       for nfe in sizes["nfe"]:
         x0 = np.asarray(run(jax.random.PRNGKey(nfe), eta, flow.time_grid(nfe), method))
         rows.append({"method": method, "eta": eta, "nfe": nfe,
-                     **distances(x0, held_out, sizes["resamples"])})
+                     **metrics.bootstrap_distances(x0, held_out, sizes["resamples"])})
   return {"points": n, "resamples": sizes["resamples"], "rows": rows}
 
 
@@ -106,19 +105,6 @@ def curve(workdir: str) -> list[dict]:
           for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/reward_ode" in r]
 
 
-def first_reaching(steps, values, seconds, target: float):
-  """(iterations, seconds) where a curve first reaches `target`, linearly interpolated between
-  evaluations; (None, None) when it never does."""
-  for i, v in enumerate(values):
-    if v >= target:
-      if i == 0:
-        return float(steps[0]), float(seconds[0])
-      f = (target - values[i - 1]) / (v - values[i - 1])
-      return (float(steps[i - 1] + f * (steps[i] - steps[i - 1])),
-              float(seconds[i - 1] + f * (seconds[i] - seconds[i - 1])))
-  return None, None
-
-
 def rl(problem: str, preset: str, runs: str, seeds: int) -> dict:
   start = base_reward(grpo_config(problem, preset, "precise", 0, runs))
   out = {"base": start, "samplers": {}}
@@ -141,8 +127,8 @@ def rl(problem: str, preset: str, runs: str, seeds: int) -> dict:
   target = rows[best]["reward_ode_mean"][-1]
   for s in SAMPLERS:
     r = rows[s]
-    r["to_target_steps"], r["to_target_seconds"] = first_reaching(
-        r["steps"], r["reward_ode_mean"], r["seconds_mean"], target)
+    r["to_target_steps"] = metrics.first_crossing(r["steps"], r["reward_ode_mean"], target)
+    r["to_target_seconds"] = metrics.first_crossing(r["seconds_mean"], r["reward_ode_mean"], target)
   base = rows[best]
   for s in SAMPLERS:
     r = rows[s]

@@ -17,16 +17,11 @@ import json
 import os
 import time
 
-import matplotlib
-import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
-from core import data, train  # noqa: E402
+from core import data, metrics, train  # noqa: E402
+from experiments import plots  # noqa: E402
 from experiments.configs import relay_code, relay_sudoku  # noqa: E402
-from experiments.training import table_parser, train_timed  # noqa: E402
+from experiments.training import read_report, table_parser, train_timed  # noqa: E402
 from relay_jax import task as relay_task  # noqa: E402
 
 SUDOKU_OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")
@@ -44,15 +39,9 @@ PAPER_CODE = "Fast-dLLM v2 1.5B on code: NFE 178.1 -> 130.7 (-27%) at equal Huma
 
 
 def nfe_at_accuracy(curve: list[dict], accuracy: float, key: str) -> float | None:
-  """The NFE a tau sweep needs to reach `accuracy` (linear interpolation between sweep points,
-  sorted by NFE), or None when no point reaches it."""
+  """The NFE a tau sweep needs to reach `accuracy` (interpolated along the sweep sorted by NFE)."""
   pts = sorted((row["nfe"], row[key]) for row in curve)
-  for (n0, a0), (n1, a1) in zip(pts, pts[1:]):
-    if a0 >= accuracy:
-      return n0
-    if a1 >= accuracy:
-      return n0 + (n1 - n0) * (accuracy - a0) / (a1 - a0)
-  return pts[-1][0] if pts and pts[-1][1] >= accuracy else None
+  return metrics.first_crossing([n for n, _ in pts], [a for _, a in pts], accuracy)
 
 
 def trained(config_module, preset: str, objective: str, workdir: str):
@@ -112,18 +101,22 @@ def nfe_saving(rows: dict, relay: str, baselines: tuple[str, ...], key: str) -> 
           "saving": saving}
 
 
-def plot(rows: dict, key: str, xlabel: str, ylabel: str, path: str) -> None:
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for objective, row in rows.items():
-    pts = row["sweep"]
-    ax.plot([p["nfe"] for p in pts], [p[key] for p in pts], "o-", label=NAMES[objective])
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def plot(rows: dict, panels: list[tuple[str, str]], xlabel: str, title: str, path: str) -> None:
+  """One panel per (metric key, label): the metric against NFE along each objective's tau sweep."""
+  fig, axes = plots.figure(len(panels))
+  for ax, (key, ylabel) in zip(axes[0], panels):
+    for objective, row in rows.items():
+      pts = sorted(row["sweep"], key=lambda p: p["nfe"])
+      ax.plot([p["nfe"] for p in pts], [p[key] for p in pts], "o-", label=NAMES[objective])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    # A sweep whose NFE hardly moves is shown over at least 2 NFE, flat.
+    plots.readable(ax, min_span=(2.0, 0.02))
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], 0.0))       # fractions: nothing below 0
+    ax.legend(fontsize=8)
+  taus = sorted({p["tau"] for row in rows.values() for p in row["sweep"]})
+  fig.suptitle(f"{title} (tau in {', '.join(f'{t:g}' for t in taus)})")
+  plots.save(fig, path)
 
 
 def _pct(x):
@@ -208,10 +201,20 @@ def markdown(preset: str, sudoku: dict, code: dict, sudoku_saving: dict, code_sa
   return "\n".join(lines) + "\n"
 
 
+def plot_all(out: str, sudoku: dict, code: dict) -> None:
+  plot(sudoku, [("exact_match", "exact match"), ("cell_accuracy", "cell accuracy")], "mean NFE",
+       "Sudoku test puzzles: accuracy vs denoising rounds", os.path.join(out, "relay_sudoku_tau.png"))
+  plot(code, [("block_exact_match", "block exact match"), ("accuracy", "token accuracy")],
+       "rounds (NFE) per block", "Held-out code blocks", os.path.join(out, "relay_code_tau.png"))
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = table_parser(__doc__, "relay.md, relay.json and the plots")
+  parser = table_parser(__doc__, "relay.md, relay.json and the plots", replot=True)
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.replot:
+    report = read_report(args.out, "relay.json")
+    return plot_all(args.out, report["sudoku"], report["code"])
   t0 = time.perf_counter()
   sudoku = sudoku_rows(args.preset, args.runs)
   t1 = time.perf_counter()
@@ -220,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
   sudoku_saving = nfe_saving(sudoku, "relay", ("mlm", "rollout"), "exact_match")
   code_saving = {key: nfe_saving(code, "relay", ("rollout",), key)
                  for key in ("block_exact_match", "accuracy")}
-  plot(sudoku, "exact_match", "mean NFE", "exact match", os.path.join(args.out, "relay_sudoku_tau.png"))
-  plot(code, "block_exact_match", "rounds per block", "held-out block exact match",
-       os.path.join(args.out, "relay_code_tau.png"))
+  plot_all(args.out, sudoku, code)
   report = {"preset": args.preset, "seconds": seconds, "sudoku": sudoku, "code": code,
             "sudoku_nfe_saving": sudoku_saving,
             "code_nfe_saving": code_saving}

@@ -65,55 +65,6 @@ PAPER_OTHER = ("Qwen-Image: VDE LPIPS 0.0691 vs EasyCache-fast 0.1445 (-52%); Wa
                "vs TeaCache 0.1277")
 
 
-def to_image(x: jax.Array) -> jax.Array:
-  """Model output in [-1, 1] -> image in [0, 1] (clipped), for PSNR / SSIM with data range 1."""
-  return jnp.clip((x + 1) / 2, 0.0, 1.0)
-
-
-def quality(x: jax.Array, reference: jax.Array) -> dict[str, float]:
-  """Mean and std over samples of PSNR (at most PSNR_CAP) and SSIM against the reference images."""
-  a, b = to_image(x), to_image(reference)
-  psnr_B = np.minimum(np.asarray(metrics.psnr(a, b, data_range=1.0)), PSNR_CAP)
-  ssim_B = np.asarray(metrics.ssim(a, b, data_range=1.0))
-  return {"psnr": float(psnr_B.mean()), "psnr_std": float(psnr_B.std()),
-          "ssim": float(ssim_B.mean()), "ssim_std": float(ssim_B.std())}
-
-
-def latencies(call, policy, reference, repeats: int) -> tuple[float, float]:
-  """Median seconds of call(reference) and of call(policy) over `repeats` alternating pairs, after a
-  first (compiling) call of each: alternation exposes both to the same changes of machine load."""
-  def seconds(p):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(p))
-    return time.perf_counter() - t0
-
-  seconds(reference), seconds(policy)
-  pairs = [(seconds(reference), seconds(policy)) for _ in range(repeats)]
-  return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-
-
-def match_nfe(make, target: float, mean_nfe, iters: int, start: float = SEARCH_START,
-              limit: float = 1e6) -> tuple[float, list]:
-  """The smallest setting p (geometric bisection) whose mean NFE is at most target; NFE falls with p.
-
-  make: p -> policy; mean_nfe: policy -> mean NFE. Returns (p, the (p, NFE) pairs tried); when even
-  p = limit does not get down to target, p = limit.
-  """
-  tried = []
-  nfe = lambda p: tried.append((p, mean_nfe(make(p)))) or tried[-1][1]
-  lo, hi = start, start
-  while nfe(hi) > target:
-    if hi >= limit:
-      return hi, tried
-    lo, hi = hi, hi * 4
-  if hi == start:
-    return hi, tried
-  for _ in range(iters):
-    mid = float(np.sqrt(lo * hi))
-    lo, hi = (lo, mid) if nfe(mid) <= target else (mid, hi)
-  return hi, tried
-
-
 def model_settings(preset: str, name: str) -> dict:
   """SETTINGS[preset] with the model's reductions (MODELS[name]["less"]) applied."""
   return {**SETTINGS[preset], **MODELS[name]["less"].get(preset, {})}
@@ -159,11 +110,12 @@ def run_table(preset: str, runs: str, name: str = "digits") -> dict:
 
   def add(method, setting, policy, target, search=None):
     x, nfe_B = run(params, policy, x_T, y)
-    ref_seconds, seconds = latencies(on_subset, policy, sampling.full(), s["repeats"])
+    ref_seconds, seconds = metrics.paired_latencies(on_subset, sampling.full(), policy, s["repeats"])
     rows.append({"method": method, "setting": setting, "target_nfe": target,
                  "nfe": float(nfe_B.mean()), "nfe_min": int(nfe_B.min()), "nfe_max": int(nfe_B.max()),
                  "seconds": seconds, "reference_seconds": ref_seconds, "speedup": ref_seconds / seconds,
-                 **quality(x, reference), **({"search": search} if search else {})})
+                 **metrics.image_quality(x, reference, psnr_cap=PSNR_CAP),
+                 **({"search": search} if search else {})})
     writers.log(f"{name}: {method} {setting}: NFE {rows[-1]['nfe']:.2f}, PSNR {rows[-1]['psnr']:.2f}, "
                 f"{rows[-1]['speedup']:.2f}x")
 
@@ -171,7 +123,7 @@ def run_table(preset: str, runs: str, name: str = "digits") -> dict:
     target = len(vde.full_step_indices(steps, s["stable_step"], interval))
     add("VDE", f"interval {interval}", sampling.vde(s["stable_step"], interval), target)
     for method, (setting_name, make) in searched.items():
-      p, tried = match_nfe(make, target, mean_nfe, s["search_iters"])
+      p, tried = calibrate.match_nfe(make, target, mean_nfe, s["search_iters"], start=SEARCH_START)
       add(method, f"{setting_name} {p:.4g}", make(p), target, {setting_name: p, "tried": tried})
     add("Euler, fewer steps", f"{target} steps", sampling.fewer_steps(target), target)
   fora_nfe = len(range(0, steps, FORA_PERIOD))

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,9 @@ from flowrl.cache import sampling
 
 DEGREE = 4
 FILENAME = "teacache_coefficients.json"
+# Above this condition number of the fit's Vandermonde matrix, the coefficients are dominated by
+# rounding (each is then huge and they cancel): the polynomial is usable only on the fitted range.
+ILL_CONDITIONED = 1e10
 
 
 def relative_changes(net: sampling.Network, x_T: jax.Array, num_steps: int, *,
@@ -61,13 +67,24 @@ def relative_changes(net: sampling.Network, x_T: jax.Array, num_steps: int, *,
 
 
 def fit(d_in: np.ndarray, d_out: np.ndarray, degree: int = DEGREE) -> dict:
-  """The least-squares polynomial d_out ~ poly(d_in) and how well it fits."""
+  """The least-squares polynomial d_out ~ poly(d_in), how well it fits, and the condition number of
+  its Vandermonde matrix; warns (RuntimeWarning) when that exceeds ILL_CONDITIONED."""
   x, y = np.asarray(d_in, np.float64).ravel(), np.asarray(d_out, np.float64).ravel()
-  coefficients = np.polyfit(x, y, degree)
+  with warnings.catch_warnings():     # polyfit's own RankWarning: the message below says more
+    warnings.simplefilter("ignore", np.exceptions.RankWarning)
+    coefficients = np.polyfit(x, y, degree)
   residual = y - np.polyval(coefficients, x)
+  condition = float(np.linalg.cond(np.vander(x, degree + 1)))
+  if not condition < ILL_CONDITIONED:
+    warnings.warn(
+        f"TeaCache fit is ill-conditioned: condition number {condition:.3g} of the degree-{degree} "
+        f"fit over input changes in [{x.min():.4g}, {x.max():.4g}] (largest |coefficient| "
+        f"{np.abs(coefficients).max():.3g}); the polynomial is meaningful only on that range. A "
+        "lower degree, or samples spanning more of the trajectory, gives a stable fit.",
+        RuntimeWarning, stacklevel=2)
   return {"coefficients": coefficients.tolist(), "degree": degree, "points": int(x.size),
           "rmse": float(np.sqrt(np.mean(residual ** 2))), "output_change_mean": float(y.mean()),
-          "input_change_range": [float(x.min()), float(x.max())]}
+          "input_change_range": [float(x.min()), float(x.max())], "condition_number": condition}
 
 
 def calibrate(model, params, x_T: jax.Array, *, y: jax.Array | None = None, num_steps: int = 50,
@@ -110,3 +127,28 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   main()
+
+
+def match_nfe(make: Callable[[float], Any], target: float, mean_nfe: Callable[[Any], float],
+              iters: int, start: float = 1e-3, limit: float = 1e6) -> tuple[float, list]:
+  """The smallest setting p (a threshold, tau or tolerance; geometric bisection) whose mean NFE is at
+  most `target`, for settings whose NFE falls as p grows: how the tables give every adaptive method
+  the NFE of a fixed schedule.
+
+  make: p -> policy; mean_nfe: policy -> mean NFE. Starting at `start`, p grows 4x until the NFE is
+  low enough, then `iters` bisection steps. Returns (p, the (p, NFE) pairs tried); when even
+  p = limit does not get down to target, p = limit.
+  """
+  tried = []
+  nfe = lambda p: tried.append((p, mean_nfe(make(p)))) or tried[-1][1]
+  lo, hi = start, start
+  while nfe(hi) > target:
+    if hi >= limit:
+      return hi, tried
+    lo, hi = hi, hi * 4
+  if hi == start:
+    return hi, tried
+  for _ in range(iters):
+    mid = float(np.sqrt(lo * hi))
+    lo, hi = (lo, mid) if nfe(mid) <= target else (mid, hi)
+  return hi, tried

@@ -23,6 +23,7 @@ evaluated on one stacked batch and cached (and, for VDE, decomposed) separately;
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -57,8 +58,7 @@ def first_branch(v_KxB: jax.Array) -> jax.Array:
 
 def guidance(scale) -> Callable[[jax.Array], jax.Array]:
   """combine for [conditional, unconditional]: v_u + scale (v_c - v_u), as `flow.cfg_velocity`."""
-  # The same convex-style mix as flow.cfg_velocity, so scale 1 and 0 return v_c and v_u bit for bit.
-  return lambda v_2xB: scale * v_2xB[0] + (1 - scale) * v_2xB[1]
+  return lambda v_2xB: flow.cfg_mix(v_2xB[0], v_2xB[1], scale)
 
 
 def velocity_network(branches_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -129,7 +129,7 @@ def _stack(x: jax.Array, num_branches: int) -> jax.Array:
 
 def euler_step(net: Network, x: jax.Array, t, s, v_K: jax.Array) -> jax.Array:
   """x_s = x_t + (s - t) v for x [B, ...] and the branches v [K, B, ...] mixed by net.combine."""
-  return (x + (s - t) * net.combine(v_K)).astype(x.dtype)
+  return flow.euler_step(x, net.combine(v_K), t, s)
 
 
 def _run_static(net, policy, state, x_T, grid, pattern: tuple[bool, ...]):
@@ -469,6 +469,29 @@ def easycache(tau: float, warmup: int = 2) -> EasyCache:
 
 
 Policy = Full | VDE | VDEAdaptive | TeaCache | Fora | EasyCache
+# Policy names for `sample(..., policy="vde")`: the constructors, called with their defaults.
+POLICIES = {"full": full, "fewer_steps": fewer_steps, "vde": vde, "vde_adaptive": vde_adaptive,
+            "teacache": teacache, "fora": fora, "easycache": easycache}
+
+
+def make_policy(policy: Policy | str) -> Policy:
+  """A policy, or its name in POLICIES built with the constructor's defaults; ValueError for an
+  unknown name or one whose constructor needs arguments (naming them)."""
+  if not isinstance(policy, str):
+    if not hasattr(policy, "run"):
+      raise TypeError(f"policy must be a name in {sorted(POLICIES)} or a policy object (e.g. "
+                      f"sampling.vde()), got {type(policy).__name__}")
+    return policy
+  if policy not in POLICIES:
+    raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(sorted(POLICIES))} "
+                     "or a policy object")
+  make = POLICIES[policy]
+  required = [n for n, p in inspect.signature(make).parameters.items()
+              if p.default is inspect.Parameter.empty]
+  if required:
+    raise ValueError(f"policy {policy!r} has no default {', '.join(required)}: pass "
+                     f"sampling.{make.__name__}({', '.join(f'{n}=...' for n in required)})")
+  return make()
 
 
 def sample_network(net: Network, x_T: jax.Array, num_steps: int, policy: Policy, *,
@@ -482,15 +505,48 @@ def sample_network(net: Network, x_T: jax.Array, num_steps: int, policy: Policy,
   return policy.run(net, x_T, int(num_steps), shift)
 
 
-def sample(model, params, x_T: jax.Array, num_steps: int, policy: Policy, *,
+def _check_inputs(model, params, x_T, y) -> None:
+  """x_T against the DiT's patches and input channels, y against the batch and the classes."""
+  p = model.patch_size
+  if jnp.ndim(x_T) != 4:
+    raise ValueError(f"x_T must be [B, H, W, C] noise, got shape {jnp.shape(x_T)}")
+  b, h, w, c = x_T.shape
+  rows = params["patch_embed"]["kernel"].shape[0]       # p * p * C of the trained model
+  if h % p or w % p or c * p * p != rows:
+    raise ValueError(f"x_T of shape {x_T.shape} does not fit the model: it takes [B, H, W, "
+                     f"{rows // (p * p)}] with H and W multiples of its patch size {p}")
+  if not model.num_classes:
+    if y is not None:
+      raise ValueError("y was given, but the model is unconditional (num_classes = 0)")
+    return
+  if y is None:
+    raise ValueError(f"y (int labels [B] in [0, {model.num_classes})) is required by a "
+                     "class-conditional model")
+  if jnp.shape(y) != (b,) or not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+    raise ValueError(f"y must be int labels [B] = [{b}] (one per x_T sample), got "
+                     f"{jnp.asarray(y).dtype} {jnp.shape(y)}")
+  try:
+    values = np.asarray(y)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return        # traced: the range check needs values
+  if values.min() < 0 or values.max() >= model.num_classes:
+    raise ValueError(f"y must lie in [0, {model.num_classes}) (the model's classes), got values "
+                     f"in [{values.min()}, {values.max()}]")
+
+
+def sample(model, params, x_T: jax.Array, num_steps: int, policy: Policy | str, *,
            y: jax.Array | None = None, cfg_scale: float = 1.0, shift: float = 1.0,
            per_sample: bool = False) -> tuple[jax.Array, jax.Array]:
   """Samples a `core.nn.DiT` (`dit_network`) from x_T [B, H, W, C] with a caching policy.
 
+  policy: a policy object (`vde(...)`, `teacache(...)`, ...) or a name of POLICIES (`make_policy`).
+  y: int labels [B] in [0, model.num_classes) for a class-conditional model, else None.
   per_sample: decide for each sample alone (a `lax.map` over batches of one, as the methods' public
   code runs one generation at a time) instead of once per batch.
   Returns (x0 [B, H, W, C], nfe_B int32 [B]).
   """
+  policy = make_policy(policy)
+  _check_inputs(model, params, x_T, y)
   def run(x, labels):
     net = dit_network(model, params, x.shape[1:], y=labels, cfg_scale=cfg_scale)
     return sample_network(net, x, num_steps, policy, shift=shift)

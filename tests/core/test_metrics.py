@@ -138,3 +138,42 @@ def test_sliced_w1_of_a_translate(rng):
   got = metrics.sliced_w1(x, x + shift, rng, num_projections=20000)
   np.testing.assert_allclose(got, 2 / np.pi * np.linalg.norm(shift), rtol=0.03)
   assert metrics.sliced_w1(x, x, rng) == 0.0
+
+
+def test_bootstrap_distances_match_the_plain_distances(rng):
+  x = rng.normal(size=(200, 2)).astype(np.float32)
+  y = (rng.normal(size=(200, 2)) + 0.5).astype(np.float32)
+  out = metrics.bootstrap_distances(x, y, resamples=3, seed=7, num_projections=1024)
+  np.testing.assert_allclose(out["energy"], metrics.energy_distance(x, y), rtol=1e-6)
+  # Other directions: 1024 of them put the mean of |<shift, dir>|-like gaps within ~1.5% (1 s.e.)
+  # of another draw's, so 20% is > 13 s.e.
+  other = metrics.sliced_w1(x, y, np.random.default_rng(int(rng.integers(1 << 30))), 1024)
+  np.testing.assert_allclose(out["sw1"], other, rtol=0.2)
+  assert out["energy_std"] > 0 and out["sw1_std"] > 0
+  # The seed fixes the resamples and directions: the same call gives the same numbers.
+  assert metrics.bootstrap_distances(x, y, resamples=3, seed=7, num_projections=1024) == out
+
+
+def test_class_diversity_by_hand(rng):
+  images = np.zeros((4, 2, 2, 1))
+  offsets = rng.uniform(0.5, 3, size=2)
+  images[1] += offsets[0]      # class 0: 4 pixels differ by offsets[0]: L2 distance 2 offsets[0]
+  images[3] += offsets[1]
+  np.testing.assert_allclose(metrics.class_diversity(images, np.array([0, 0, 1, 1])), offsets.sum())
+
+
+def test_image_quality_is_per_image_psnr_and_ssim_on_the_unit_range(rng):
+  clean, noisy = _image_pair(rng, (3, 24, 24, 3), 1.0)
+  x, ref = 2 * noisy - 1, 2 * clean - 1            # the models' [-1, 1]
+  out = metrics.image_quality(jnp.asarray(x), jnp.asarray(ref))
+  psnr = [peak_signal_noise_ratio(c, n, data_range=1.0) for c, n in zip(clean, noisy)]
+  ssim = [structural_similarity(c, n, data_range=1.0, channel_axis=-1) for c, n in zip(clean, noisy)]
+  np.testing.assert_allclose([out["psnr"], out["psnr_std"]], [np.mean(psnr), np.std(psnr)], rtol=1e-4)
+  np.testing.assert_allclose([out["ssim"], out["ssim_std"]], [np.mean(ssim), np.std(ssim)], rtol=1e-4, atol=1e-6)
+  assert metrics.image_quality(jnp.asarray(ref), jnp.asarray(ref), psnr_cap=55.0)["psnr"] == 55.0
+
+
+def test_paired_latencies_alternate_and_report_each_side():
+  calls = []
+  a, b = metrics.paired_latencies(lambda arg: calls.append(arg) or jnp.zeros(()), "a", "b", repeats=3)
+  assert calls == ["a", "b"] * 4 and a > 0 and b > 0

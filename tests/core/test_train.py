@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 import experiments.tasks  # noqa: F401  (registers flow_matching)
@@ -90,7 +89,7 @@ def test_clipping_ema_and_frozen_leaves(rng):
   target = jnp.asarray(rng.normal(size=(3, 4)) * 100, jnp.float32)
 
   # Built directly, not registered: --seeds repeats the test, and a name registers only once.
-  loss = lambda p, batch, k: (jnp.sum((p["a"] - target) ** 2) + jnp.sum(p["b"] ** 2), {})
+  loss = lambda p, batch, k, c: (jnp.sum((p["a"] - target) ** 2) + jnp.sum(p["b"] ** 2), {}, c)
   task = train.Task(init_params=lambda k: params, loss=loss, train_data=None,
                     trainable=lambda p: {"a": True, "b": False})
   config = _flow_2d_config()
@@ -130,7 +129,7 @@ def _nan_task(bad_step):
       def set_state(self, s):
         self.k = s["k"]
     return train.Task(init_params=lambda k: {"w": jnp.ones((3,))},
-                      loss=lambda p, b, k: (jnp.mean(b["x"]) * jnp.sum(p["w"] ** 2), {}),
+                      loss=lambda p, b, k, c: (jnp.mean(b["x"]) * jnp.sum(p["w"] ** 2), {}, c),
                       train_data=lambda i, n: Data())
   return f"test_nan_at_{bad_step}"
 
@@ -274,14 +273,13 @@ def test_linear_attention_kernel_runs_sharded_in_the_train_step(rng):
   """The Pallas linear-attention kernel (interpret mode) inside a data- and model-parallel train
   step on 8 devices: the step equals the one-device step, and the compiled step gathers no
   activations (the kernel runs per shard under shard_map; attention and MLP are head-/mlp-parallel)."""
-  import flax  # noqa: F401
   net = _LinearAttentionNet()
   config = _flow_2d_config()
   config.optim.update({"name": "sgd", "b1": 0.9, "grad_clip_norm": 0.0})
   config.sharding.min_fsdp_size = 1
   task = train.Task(
       init_params=lambda k: net.init(k, jnp.zeros((1, 16, 8)))["params"],
-      loss=lambda p, b, k: (jnp.mean((net.apply({"params": p}, b["x"]) - b["y"]) ** 2), {}),
+      loss=lambda p, b, k, c: (jnp.mean((net.apply({"params": p}, b["x"]) - b["y"]) ** 2), {}, c),
       train_data=None)
   batch = {"x": rng.normal(size=(8, 16, 8)).astype(np.float32),
            "y": rng.normal(size=(8, 16, 8)).astype(np.float32)}

@@ -279,7 +279,7 @@ def test_eval_mode_takes_a_step_and_names_the_saved_steps(tmp_path, smoke_runs):
   assert _eval_rows(workdir)[-1]["step"] == steps[0]
   r = run("--step=99999")
   assert r.returncode == 2
-  assert f"no checkpoint of step 99999" in r.stderr and f"saved steps: {steps[0]}" in r.stderr
+  assert "no checkpoint of step 99999" in r.stderr and f"saved steps: {steps[0]}" in r.stderr
 
 
 @pytest.mark.parametrize("args, expected", [

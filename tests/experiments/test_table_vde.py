@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.tables import vde
+from flowrl.cache import calibrate
 from tests.experiments.smoke import run_table
 
 
@@ -48,6 +49,6 @@ def test_match_nfe_finds_the_smallest_setting_reaching_the_target():
     tried_policies.append(policy)
     return float(np.floor(nfe_of(policy)))
 
-  p, tried = vde.match_nfe(lambda p: p, 22, mean_nfe, iters=20)
+  p, tried = calibrate.match_nfe(lambda p: p, 22, mean_nfe, iters=20)
   assert mean_nfe(p) <= 22 < mean_nfe(p * 0.999)
   assert [q for q, _ in tried] == tried_policies[:len(tried)]

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from core import metrics
 from experiments.tables import flow, precise, relay
 from tests.experiments.smoke import run_table
 
@@ -44,7 +45,7 @@ def test_ring_fraction_and_class_diversity(rng):
   images = np.zeros((4, 2, 2, 1))
   images[1] += 1.0      # class 0: distance 2 (four pixels differ by 1)
   images[3] += 3.0      # class 1: distance 6
-  np.testing.assert_allclose(flow.class_diversity(images, np.array([0, 0, 1, 1])), 4.0)
+  np.testing.assert_allclose(metrics.class_diversity(images, np.array([0, 0, 1, 1])), 4.0)
 
 
 @pytest.mark.slow
@@ -95,8 +96,9 @@ def test_precise_table_smoke_writes_finite_results(tmp_path, smoke_runs):
     assert r["samplers"][r["best_baseline"]]["to_target_steps"] <= r["samplers"][r["best_baseline"]]["steps"][-1]
 
 
-def test_first_reaching_interpolates_between_evaluations():
-  steps, secs = [0, 10, 20], [0.0, 5.0, 12.0]
-  assert precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.1) == (0.0, 0.0)
-  np.testing.assert_allclose(precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.7), (15.0, 8.5))
-  assert precise.first_reaching(steps, [0.1, 0.5, 0.9], secs, 0.95) == (None, None)
+def test_first_crossing_interpolates_between_evaluations():
+  steps, secs, reward = [0, 10, 20], [0.0, 5.0, 12.0], [0.1, 0.5, 0.9]
+  assert metrics.first_crossing(steps, reward, 0.1) == 0.0
+  np.testing.assert_allclose(metrics.first_crossing(steps, reward, 0.7), 15.0)
+  np.testing.assert_allclose(metrics.first_crossing(secs, reward, 0.7), 8.5)
+  assert metrics.first_crossing(steps, reward, 0.95) is None

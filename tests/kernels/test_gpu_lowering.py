@@ -32,7 +32,8 @@ def forward_and_grads(f):
 @pytest.mark.parametrize("d", [32, 64])
 def test_linear_attention_lowers_to_triton(dtype, d):
   q = jnp.zeros((2, 1024, 3, d), dtype)
-  f = lambda q, k, v: la._linear_attention(q, k, v, 1e-6, False, la.BLOCK_N, la.BLOCK_N)
+  rows, warps = la.DEFAULT_BLOCKS.rows, la.DEFAULT_BLOCKS.num_warps
+  f = lambda q, k, v: la._linear_attention(q, k, v, 1e-6, False, rows, rows, warps)
   assert triton_calls(f, q, q, q) == 2                          # key sums, output
   assert triton_calls(forward_and_grads(f), q, q, q, q) == 4    # + query grads, key grads
 
@@ -45,7 +46,7 @@ def test_sigma_gate_lowers_to_triton(dtype, gate_width):
   x = jnp.zeros((1, 256, d), dtype)
   w = jnp.zeros((d, g), dtype)
   c = jnp.zeros((1, 1, g), jnp.float32)
-  f = lambda x, lq, w_x, w_lq, c: sg._sigma_gate(x, lq, w_x, w_lq, c, False, sg.BLOCK_ROWS)
+  f = lambda x, lq, w_x, w_lq, c: sg._sigma_gate(x, lq, w_x, w_lq, c, False, sg.DEFAULT_BLOCKS)
   assert triton_calls(f, x, x, w, w, c) == 1
   # Per channel: recompute + da, then dx and dlq; per token: one fused pass.
   assert triton_calls(forward_and_grads(f), x, x, w, w, c, x) == (3 if g == d else 2)

@@ -336,3 +336,20 @@ def test_unknown_impl_is_rejected():
   q = jnp.zeros((2, 8, 3, 4), jnp.float32)
   with pytest.raises(ValueError, match="impl"):
     linear_attention(q, q, q, impl="flash")
+
+
+def test_block_sizes_are_a_validated_argument(rng):
+  """Another tiling gives the same result; a bad one is refused naming the field."""
+  from kernels.common import BlockSizes
+  q, k, v, _ = _inputs(rng, 100, 16, jnp.float32)
+  small = linear_attention(q, k, v, impl="pallas", block_sizes=BlockSizes(rows=16, num_warps=2))
+  np.testing.assert_allclose(small, linear_attention(q, k, v, impl="pallas"), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"BlockSizes.rows=48; expected a power of two in \[16, 1024\]"):
+    BlockSizes(rows=48)
+  with pytest.raises(ValueError, match="BlockSizes.num_warps=3"):
+    BlockSizes(rows=64, num_warps=3)
+  with pytest.raises(TypeError, match="block_sizes must be a kernels.common.BlockSizes"):
+    linear_attention(q, k, v, block_sizes={"rows": 64})
+  import dataclasses
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    BlockSizes(rows=64).rows = 32

@@ -352,3 +352,15 @@ def test_unknown_impl_is_rejected():
   x = jnp.zeros((2, 8, 4), jnp.float32)
   with pytest.raises(ValueError, match="impl"):
     sigma_gate(x, x, jnp.zeros(2), jnp.zeros((8, 4)), jnp.zeros(4), jnp.zeros(()), impl="flash")
+
+
+def test_block_sizes_are_a_validated_argument(rng):
+  """Another tiling (rows and channel tiles) gives the same result; a bad argument is refused."""
+  from kernels.common import BlockSizes
+  args, _ = _inputs(rng, 100, 64, 64, jnp.float32)
+  other = sigma_gate(*args, impl="pallas", block_sizes=BlockSizes(rows=16, cols=32, num_warps=2))
+  np.testing.assert_allclose(other, sigma_gate(*args, impl="pallas"), rtol=1e-6, atol=1e-6)
+  with pytest.raises(TypeError, match="block_sizes must be a kernels.common.BlockSizes"):
+    sigma_gate(*args, block_sizes=64)
+  with pytest.raises(ValueError, match="BlockSizes.cols=100"):
+    BlockSizes(rows=64, cols=100)

@@ -123,19 +123,20 @@ def test_read_puzzle_file_reports_bad_lines_by_number(tmp_path, rng):
   path = tmp_path / "puzzles.txt"
   path.write_text("\n".join(lines) + "\n")
   records = list(sudoku_data.read_puzzle_file(path))
-  assert [number for number, _, _ in records] == [2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-  good = {number: (p, s) for number, p, s in records if not isinstance(p, ValueError)}
-  assert sorted(good) == [2, 4, 12]
+  assert [r.number for r in records] == [2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+  good = {r.number: (r.puzzle, r.solution) for r in records if not isinstance(r.puzzle, ValueError)}
+  assert sorted(good) == [2, 4, 8, 12]           # line 8: a third column (a rating) is ignored
   for number in good:
     np.testing.assert_array_equal(good[number][0], puzzle_81)
   assert good[2][1] is None and good[12][1] is None
   np.testing.assert_array_equal(good[4][1], solution_81)
-  errors = {number: str(p) for number, p, s in records if isinstance(p, ValueError)}
-  assert all(s is None for number, _, s in records if number in errors)
+  np.testing.assert_array_equal(good[8][1], solution_81)
+  assert [r.ignored_columns for r in records if r.number in (4, 8)] == [0, 1]
+  errors = {r.number: str(r.puzzle) for r in records if isinstance(r.puzzle, ValueError)}
+  assert all(r.solution is None for r in records if r.number in errors)
   assert "81 characters, got 80" in errors[5]
   assert "'x' at position 8 (row 1, column 8)" in errors[6]
   assert errors[7] == "contradicting clues: digit 5 twice in row 1"
-  assert "got 3 tab-separated fields" in errors[8]
   assert errors[9] == "solution: a puzzle has 81 characters, got 80"
   assert "where the puzzle's clue is" in errors[10]
   assert errors[11] == "solution: not a complete valid grid"

@@ -69,26 +69,64 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_solve_cli_good_and_bad_lines(trained, tmp_path, capsys):
   test = data.load_in_memory("sudoku", "test", config="tiny").arrays
-  lines = [sudoku.format_grid(test["puzzle"][0]),
-           sudoku.format_grid(test["puzzle"][1]) + "\t" + sudoku.format_grid(test["solution"][1]),
+  grid = lambda k, key="puzzle": sudoku.format_grid(test[key][k])
+  lines = [grid(0),
+           grid(1) + "\t" + grid(1, "solution") + "\t3.5",            # a rating column: ignored
            "123",                                                  # too short
            "55" + "." * 79,                                        # contradicting clues
            "a" + "." * 80,                                         # bad character
-           sudoku.format_grid(test["puzzle"][2]).replace(".", "0")]
+           grid(2).replace(".", "0"),
+           grid(3) + "\t" + grid(3, "solution")]
   path = tmp_path / "puzzles.txt"
   path.write_text("\n".join(lines) + "\n")
   summary = solve.main(["--workdir", str(trained), "--puzzles", str(path)])
-  err = capsys.readouterr().err
+  captured = capsys.readouterr()
   for number in (3, 4, 5):
-    assert f"puzzles.txt:{number}: skipped" in err
-  assert summary["solved"] == 3 and summary["bad_lines"] == 3 and summary["with_solution"] == 1
-  out = (tmp_path / "puzzles.txt.solved").read_text().splitlines()
-  assert [int(l.split("\t")[0]) for l in out] == [1, 2, 6]
-  for line, puzzle in zip(out, (test["puzzle"][0], test["puzzle"][1], test["puzzle"][2])):
-    grid = sudoku.parse_puzzle(line.split("\t")[1].replace(".", "0")) if "." in line else \
-        np.array([int(c) for c in line.split("\t")[1]])
-    assert (grid[puzzle != 0] == puzzle[puzzle != 0]).all()      # clues kept
-    assert (grid != 0).all() and 1 <= int(line.split("\t")[2]) <= 8   # complete, NFE within the cap
+    assert f"puzzles.txt:{number}: skipped" in captured.err
+  assert captured.err.count("columns after the solution are ignored") == 1
+  header, *out = (tmp_path / "puzzles.txt.solved").read_text().splitlines()
+  assert header == "#line\tpuzzle\tanswer\tnfe\tvalid\tcorrect"
+  rows = [l.split("\t") for l in out]
+  assert [int(r[0]) for r in rows] == [1, 2, 6, 7]
+  valid, exact = 0, 0
+  for r, k in zip(rows, (0, 1, 2, 3)):
+    assert r[1] == grid(k)
+    answer = np.array([0 if c == "." else int(c) for c in r[2]])
+    puzzle = test["puzzle"][k]
+    ok = sudoku.is_valid_solution(answer) and (answer[puzzle != 0] == puzzle[puzzle != 0]).all()
+    assert r[4] == str(int(ok)) and 1 <= int(r[3]) <= 8
+    valid += ok
+    if k in (1, 3):          # the lines with a solution
+      right = bool((answer == test["solution"][k]).all())
+      assert r[5] == str(int(right))
+      exact += right
+    else:
+      assert r[5] == "-"
+  assert summary == {**summary, "puzzles": 4, "bad_lines": 3, "valid": valid, "with_solution": 2,
+                     "exact": exact}
+  assert f"4 puzzles (3 bad lines skipped): {valid} valid answers; {exact} of 2 with a solution" \
+      in captured.out
+
+
+@pytest.mark.slow
+def test_solve_cli_refuses_what_it_cannot_solve(trained, tmp_path):
+  import subprocess
+  import sys
+  from tests.experiments.smoke import ROOT, cli_env
+  bad = tmp_path / "bad.txt"
+  bad.write_text("123\n" + "55" + "." * 79 + "\n")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "relay_jax.solve", *a], cwd=ROOT,
+                                  env=cli_env(), capture_output=True, text=True, timeout=300)
+  r = run("--workdir", str(trained), "--puzzles", str(bad))
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+      f"error: no valid puzzle in {bad} (2 bad lines)"
+  for args, expected in ((("--workdir", str(tmp_path / "nope"), "--puzzles", str(bad)),
+                          "is not a run directory: it has no config.json"),
+                         (("--workdir", str(trained), "--puzzles", str(tmp_path / "none.txt")),
+                          "none.txt: no such file")):
+    r = run(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr
 
 
 def test_paper_preset_is_the_published_sudoku_model():

@@ -298,3 +298,33 @@ def test_sampler_rejects_settings_that_do_not_fit_the_steps(rng, policy, steps, 
   net = sampling.velocity_network(_field(rng)[1])
   with pytest.raises(ValueError, match=match):
     sampling.sample_network(net, jnp.ones((B, D)), steps, policy)
+
+
+def test_sample_takes_a_policy_by_name_and_checks_its_inputs(rng):
+  """A policy name gets the constructor's defaults (the same samples as the object); y and x_T are
+  checked against the batch, the classes and the model's input, each with one clear error."""
+  from core.nn.dit import DiT
+  from tests.core.nn.random_params import random_params
+  model = DiT(patch_size=2, width=16, depth=2, num_heads=2, num_classes=3)
+  x_T = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=2), jnp.int32)
+  params = random_params(model, rng, x_T, jnp.zeros(2), y)
+  by_name = sampling.sample(model, params, x_T, 8, "vde", y=y, cfg_scale=2.0)
+  by_object = sampling.sample(model, params, x_T, 8, sampling.vde(), y=y, cfg_scale=2.0)
+  for a, b in zip(by_name, by_object):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="policy 'teacache' has no default threshold"):
+    sampling.sample(model, params, x_T, 8, "teacache", y=y)
+  with pytest.raises(ValueError, match="unknown policy 'vdee'; expected one of easycache, "):
+    sampling.sample(model, params, x_T, 8, "vdee", y=y)
+  with pytest.raises(ValueError, match=r"y must be int labels \[B\] = \[2\] .* got int32 \(3,\)"):
+    sampling.sample(model, params, x_T, 8, "full", y=jnp.zeros(3, jnp.int32), cfg_scale=2.0)
+  with pytest.raises(ValueError, match=r"y must lie in \[0, 3\) .* got values in \[0, 3\]"):
+    sampling.sample(model, params, x_T, 8, "full", y=jnp.asarray([0, 3], jnp.int32))
+  with pytest.raises(ValueError, match="y .* is required by a class-conditional model"):
+    sampling.sample(model, params, x_T, 8, "full")
+  with pytest.raises(ValueError, match=r"does not fit the model: it takes \[B, H, W, 1\] with H "
+                                       r"and W multiples of its patch size 2"):
+    sampling.sample(model, params, jnp.zeros((2, 8, 8, 3)), 8, "full", y=y)
+  with pytest.raises(ValueError, match="does not fit the model"):
+    sampling.sample(model, params, jnp.zeros((2, 7, 8, 1)), 8, "full", y=y)
