@@ -48,6 +48,10 @@ def test_kernel_runs_per_batch_shard_under_the_mesh(rng):
     value, grads = grad(*args)
     hlo = grad.lower(*args).compile().as_text()
   assert "all-gather" not in hlo
-  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+  # The loss sums 4096 terms of either sign in another order on 8 devices: rounding of order
+  # eps * sum|terms| (its value may cancel to far below that sum).
+  terms = np.abs(np.asarray(gate.apply({"params": params}, x, lq, sigma) * ct)).sum()
+  np.testing.assert_allclose(float(value), float(want_value), rtol=0,
+                             atol=8 * np.finfo(np.float32).eps * terms)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
