@@ -11,6 +11,7 @@ became. Pallas kernels, which XLA cannot partition, run under `shard_kernel`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -56,8 +58,6 @@ def axis_rules(config) -> tuple[tuple[str, Any], ...]:
 def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_AXIS_RULES):
   """`jax.set_mesh(mesh)` and flax's logical axis rules: under it, jitted code sees the mesh (for
   `shard_kernel`) and the layers' activation constraints take effect."""
-  import contextlib
-  from flax import linen as nn
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nn.logical_axis_rules(tuple(rules)))
@@ -113,7 +113,6 @@ def _path_str(path) -> str:
 def declared_axes(params: Any) -> dict[str, tuple[str | None, ...]]:
   """{parameter path: logical axis names} of the parameters a layer declared names for (boxed by
   `nn.with_logical_partitioning`; abstract or concrete)."""
-  from flax import linen as nn
   specs = nn.get_partition_spec(params)
   out = {}
   for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:

@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
-from flax.core import meta
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax.core import meta
 
 from core import registry, sharding, writers
 
@@ -178,26 +178,27 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   return step_fn
 
 
-def in_mesh(fn: Callable, mesh, rules) -> Callable:
-  """fn called under `sharding.mesh_context(mesh, rules)`: traced (and run) with the mesh set, so
-  `shard_kernel` and the layers' activation constraints see it."""
-  def wrapped(*args, **kwargs):
-    with sharding.mesh_context(mesh, rules):
-      return fn(*args, **kwargs)
-  wrapped.lower = lambda *a, **k: _lower_in_mesh(fn, mesh, rules, *a, **k)
-  return wrapped
+class InMesh:
+  """A jitted function that is traced, run and lowered under `sharding.mesh_context(mesh, rules)`,
+  so `shard_kernel` and the layers' activation constraints see the mesh."""
 
+  def __init__(self, fn: Callable, mesh, rules):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
 
-def _lower_in_mesh(fn, mesh, rules, *args, **kwargs):
-  with sharding.mesh_context(mesh, rules):
-    return fn.lower(*args, **kwargs)
+  def __call__(self, *args, **kwargs):
+    with sharding.mesh_context(self.mesh, self.rules):
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with sharding.mesh_context(self.mesh, self.rules):
+      return self.fn.lower(*args, **kwargs)
 
 
 def jit_train_step(step_fn: Callable, state_shardings: PyTree, mesh,
                    rules=sharding.DEFAULT_LOGICAL_AXIS_RULES) -> Callable:
   """The sharded step: explicit in/out shardings, state donated (this is what pjit became), run
-  under the mesh (`in_mesh`)."""
-  return in_mesh(jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+  under the mesh (`InMesh`)."""
+  return InMesh(jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
                          donate_argnums=(0,)), mesh, rules)
 
@@ -245,7 +246,7 @@ def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None,
   shardings = state_shardings(abstract, mesh, config, sharding.declared_axes(boxed))
   rules = sharding.axis_rules(config)
   return Setup(task=task, abstract_state=abstract, shardings=shardings,
-               init=in_mesh(jax.jit(init_fn, out_shardings=shardings), mesh, rules),
+               init=InMesh(jax.jit(init_fn, out_shardings=shardings), mesh, rules),
                step=jit_train_step(make_train_step(task, tx, schedule, config), shardings, mesh,
                                    rules))
 
