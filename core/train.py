@@ -517,7 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
 
   # 0: a fresh start drops everything; the config goes to TensorBoard as text.
   writer = writers.MetricWriter(workdir, resume_step=start, config=config)
-  progress = writers.Progress(start, num_steps, int(tc.log_every))
+  progress = writers.Progress(start, num_steps)
   stop = _StopSignals()
   clock = {"t0": time.perf_counter(), "paused": 0.0}
 

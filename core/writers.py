@@ -95,8 +95,8 @@ class Progress:
   otherwise. `update(step, means)` gets the means of the steps since the last row (what
   metrics.jsonl holds) at logging steps and None between them."""
 
-  def __init__(self, start: int, total: int, every: int):
-    self._start, self._total, self._every = start, total, max(1, every)
+  def __init__(self, start: int, total: int):
+    self._start, self._total = start, total
     self._t0 = time.time()
     self._bar = None
     if jax.process_index() == 0 and sys.stderr.isatty():

@@ -1,5 +1,7 @@
-"""Layers and models shared by the methods: attention, embeddings, patches, MLPs, DiT, LoRA."""
+"""Layers and models shared by the methods: attention, embeddings, patches, MLPs, DiT, LoRA, convs."""
 from core.nn.attention import IMPLS, MultiHeadAttention, dot_product_attention
+from core.nn.conv import (Conv, Downsample, ResBlock, Upsample, group_norm, pixel_shuffle,
+                          pixel_unshuffle, replicate_pad, upsample_nearest)
 from core.nn.dit import AdaLN, DiT, DiTBlock, FinalLayer, modulate
 from core.nn.embeddings import (ConditionEmbedder, LabelEmbedder, TimestepEmbedder, apply_rope,
                                 rope_1d, rope_2d, sincos_2d, timestep_embedding)
