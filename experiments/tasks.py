@@ -2,3 +2,4 @@
 from core import flow_task  # noqa: F401
 from relay_jax import task as relay_task  # noqa: F401
 from flowrl import task as flowrl_task  # noqa: F401
+from decoders import autoencoder  # noqa: F401
