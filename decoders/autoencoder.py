@@ -189,21 +189,25 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
   eval_images = data.to_float(
       {"image": data.load_in_memory(dc.name, dc.eval_split, config=dc.config).arrays["image"]
        [:int(config.eval_size)]}, None)["image"]
-  reconstruct = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-  encode_mean = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+  # (reconstructions, posterior means) of one chunk of at most 64 eval crops; evaluate and sample use
+  # the same shapes, so the hooks compile it once.
+  chunk = min(64, len(eval_images))
+  run = jax.jit(lambda p, x: model.apply({"params": p}, x)[:2])
 
   def evaluate(params, step, workdir):
-    """PSNR / SSIM of the posterior means' reconstructions of the eval crops, and the latents' std."""
-    recon = np.concatenate([np.asarray(reconstruct(params, eval_images[i:i + 64]))
-                            for i in range(0, len(eval_images), 64)])
-    mean = np.asarray(encode_mean(params, eval_images[:64]))
-    return {**{k: v for k, v in metrics.image_quality(jnp.asarray(recon), jnp.asarray(eval_images))
-               .items() if not k.endswith("_std")}, "latent_std": float(mean.std())}
+    """PSNR / SSIM of the posterior means' reconstructions of the eval crops (whole chunks of 64),
+    and the latents' std."""
+    outs = [run(params, eval_images[i:i + chunk])
+            for i in range(0, len(eval_images) - chunk + 1, chunk)]
+    recon = np.concatenate([np.asarray(r) for r, _ in outs])
+    quality = metrics.image_quality(jnp.asarray(recon), jnp.asarray(eval_images[:len(recon)]))
+    return {"psnr": quality["psnr"], "ssim": quality["ssim"],
+            "latent_std": float(np.concatenate([np.asarray(m) for _, m in outs]).std())}
 
   def sample(params, step, workdir):
     """Eval crops (top row) over their reconstructions (bottom row): samples/step_<step>.png."""
-    n = min(8, len(eval_images))
-    recon = np.asarray(reconstruct(params, eval_images[:n]))
+    n = min(8, chunk)
+    recon = np.asarray(run(params, eval_images[:chunk])[0])[:n]
     grid = writers.image_grid(np.concatenate([eval_images[:n], recon]), ncol=n,
                               scale=max(1, -(-64 // size)))
     if jax.process_index() == 0:
