@@ -102,14 +102,19 @@ def test_resblock_matches_numpy_and_starts_as_the_identity(rng):
     conv.ResBlock(num_groups=8).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 12)))
 
 
+def _apply_random(layer, rng, x):
+  """(output, float64 kernel, float64 bias) of a layer with one inner Conv, at random parameters."""
+  params = random_params(layer, rng, jnp.asarray(x))
+  out = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
+  inner = params["conv"]["conv"]
+  return out, np.asarray(inner["kernel"], np.float64), np.asarray(inner["bias"], np.float64)
+
+
 @pytest.mark.parametrize("kind", conv.DOWN_KINDS)
 def test_downsample(rng, kind):
   x = rng.normal(size=(2, 8, 4, 3)).astype(np.float32)
   layer = conv.Downsample(features=5, kind=kind)
-  params = random_params(layer, rng, jnp.asarray(x))
-  out = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
-  k = np.asarray(params["conv"]["conv"]["kernel"], np.float64)
-  b = np.asarray(params["conv"]["conv"]["bias"], np.float64)
+  out, k, b = _apply_random(layer, rng, x)
   if kind == "conv":
     want = _conv_np(x, k, b, 2, ((0, 1), (0, 1)), "zeros")
   else:
@@ -122,10 +127,7 @@ def test_downsample(rng, kind):
 def test_upsample(rng, kind):
   x = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
   layer = conv.Upsample(features=2, kind=kind)
-  params = random_params(layer, rng, jnp.asarray(x))
-  out = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
-  k = np.asarray(params["conv"]["conv"]["kernel"], np.float64)
-  b = np.asarray(params["conv"]["conv"]["bias"], np.float64)
+  out, k, b = _apply_random(layer, rng, x)
   same = ((1, 1), (1, 1))
   if kind == "nearest":
     want = _conv_np(x.repeat(2, 1).repeat(2, 2), k, b, 1, same, "zeros")
