@@ -1,6 +1,7 @@
 # The README's two commands: `make tables` and `make test`. Both create .venv from requirements.txt
-# (pinned versions, Jupyter included) and install this project into it in editable mode, when .venv is
-# missing or requirements.txt or pyproject.toml changed; otherwise they reuse it.
+# (pinned versions, Jupyter included), add requirements-nodeps.txt without dependencies (packages
+# wanted only for data files they ship), and install this project into it in editable mode, when .venv
+# is missing or one of those files or pyproject.toml changed; otherwise they reuse it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,10 +13,11 @@ PYTEST_WORKERS ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -29,9 +29,20 @@ def build_model(config: ml_collections.ConfigDict):
   raise ValueError(f"config.model.kind={mc.kind!r}; expected one of ['dit', 'mlp']")
 
 
-def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+Sources = Callable[[str], data.InMemorySource]
+
+
+def dataset_sources(config: ml_collections.ConfigDict) -> Sources:
+  """split -> the examples of config.data's registered dataset (what `build` trains on)."""
+  return lambda split: data.load_in_memory(config.data.name, split, config=config.data.config)
+
+
+def example_shape(config: ml_collections.ConfigDict, sources: Sources | None = None) -> tuple[int, ...]:
   """Shape of one training example x0 (without the batch dimension)."""
-  source = data.load(config.data.name, "train", config=config.data.config)
+  if sources is None:
+    source = data.load(config.data.name, "train", config=config.data.config)
+  else:
+    source = sources("train")
   return tuple(np.asarray(source[0][config.data.field]).shape)
 
 
@@ -45,10 +56,11 @@ def to_model_input(example: dict, rng: np.random.Generator, config: ml_collectio
   return {"x": np.asarray(example[config.data.field], np.float32), "y": np.int32(y)}
 
 
-def model_inputs(config: ml_collections.ConfigDict, split: str, limit: int | None = None) -> dict:
+def model_inputs(config: ml_collections.ConfigDict, split: str, limit: int | None = None,
+                 sources: Sources | None = None) -> dict:
   """The first `limit` examples (default all) of `split` as the model sees them, stacked:
   {"x": float32 [N, *example_shape], "y": int32 [N]}; augmentations draw from a fixed rng."""
-  source = data.load_in_memory(config.data.name, split, config=config.data.config)
+  source = (sources or dataset_sources(config))(split)
   n = len(source) if limit is None else min(limit, len(source))
   rng = np.random.default_rng(0)
   rows = [to_model_input(source[i], rng, config) for i in range(n)]
@@ -88,9 +100,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 @registry.register("flow_matching", check=check_config)
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
   del workdir     # a flow_matching run needs no other run
+  return make_task(config, dataset_sources(config))
+
+
+def make_task(config: ml_collections.ConfigDict, sources: Sources,
+              to_image: Callable[[np.ndarray], np.ndarray] | None = None) -> train.Task:
+  """The flow_matching task on the examples `sources(split)` gives (config.data.field of each), so
+  other tasks can train it on data of their own (decoders/latent_flow.py: autoencoder latents);
+  to_image maps samples to images [N, H, W, C] in [-1, 1] for the sample hook's picture."""
   dc, fc, num_classes = config.data, config.flow, config.model.num_classes
   model = build_model(config)
-  shape = example_shape(config)
+  shape = example_shape(config, sources)
 
   def init_params(key):
     x = jnp.zeros((2, *shape), jnp.float32)
@@ -109,8 +129,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     return flow.flow_matching_loss(v.astype(jnp.float32), x0, eps), {}
 
   def train_data(process_index, process_count):
-    source = data.load_in_memory(dc.name, "train", config=dc.config)
-    return data.BatchIterator(source, global_batch_size=config.train.global_batch_size, seed=config.seed,
+    return data.BatchIterator(sources("train"), global_batch_size=config.train.global_batch_size, seed=config.seed,
                               process_index=process_index, process_count=process_count,
                               transform=lambda ex, rng: to_model_input(ex, rng, config))
 
@@ -118,7 +137,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     value, metrics = loss_batch(params, batch, key)
     return value, metrics, carry
 
-  eval_batch = model_inputs(config, dc.eval_split, limit=int(fc.eval_size))
+  eval_batch = model_inputs(config, dc.eval_split, limit=int(fc.eval_size), sources=sources)
   eval_loss = jax.jit(lambda p, k: loss_batch(p, eval_batch, k)[0])
 
   def evaluate(params, step, workdir):
@@ -134,9 +153,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
   def sample(params, step, workdir):
     """Writes samples/step_<step>.{png,npy}; returns the picture as "grid" (TensorBoard)."""
     x = np.asarray(sampler(params, noise, labels))
-    if x.ndim == 4:     # images: one column per class, enlarged to >= 64 pixels a side
-      picture = writers.image_grid(x, ncol=max(num_classes, int(np.ceil(np.sqrt(n)))),
-                                   scale=max(1, -(-64 // x.shape[1])))
+    shown = x if to_image is None else np.asarray(to_image(x))
+    if shown.ndim == 4:     # images: one column per class, enlarged to >= 64 pixels a side
+      picture = writers.image_grid(shown, ncol=max(num_classes, int(np.ceil(np.sqrt(n)))),
+                                   scale=max(1, -(-64 // shown.shape[1])))
     else:
       picture = scatter_image(x, eval_batch["x"])
     out = os.path.join(workdir, "samples", f"step_{step:07d}")

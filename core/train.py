@@ -405,6 +405,39 @@ def restore_params(workdir: str, *, ema: bool = True, step: int | None = None):
   return state["ema_params" if ema else "params"], config
 
 
+def trained_steps(workdir: str) -> int:
+  """The latest checkpointed step of a run, 0 when it has none (or does not exist)."""
+  workdir = os.path.normpath(workdir)   # "run/../base" must not need "run" to exist
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return 0
+  ckpt = Checkpointer(workdir, create=False)
+  try:
+    return ckpt.latest_step() or 0
+  finally:
+    ckpt.close()
+
+
+def ensure_trained(config: ml_collections.ConfigDict, workdir: str, what: str) -> None:
+  """Trains (or resumes) the run `workdir` with `config` when it is short of config.train.num_steps,
+  saying so: how a method's `prepare` makes the runs it builds on (`what` names the run)."""
+  step, want = trained_steps(workdir), int(config.train.num_steps)
+  if step < want:
+    writers.log(f"{what} run {os.path.normpath(workdir)} is at step {step} of {want}: training it first")
+    train(config, workdir)
+
+
+def restore_trained(workdir: str, num_steps: int, what: str, field: str):
+  """(EMA params, config) of a finished run that another one builds on; FileNotFoundError naming the
+  config field that points at it when it is missing or unfinished."""
+  step = trained_steps(workdir)
+  if step < num_steps:
+    raise FileNotFoundError(
+        f"the {what} run {os.path.normpath(workdir)} ({field}) is at step {step} of {num_steps}; "
+        "train it first, e.g. by running this config through `python -m experiments.main`, which "
+        "trains it when missing")
+  return restore_params(workdir)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -489,6 +522,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   try:    # every check before the workdir is touched: a refused start leaves it as it was
     mesh = check_config(config)
     check_config_compatible(workdir, config)
+    finished = trained_steps(workdir)
+    if finished >= num_steps:     # nothing is built: a finished run needs neither data nor other runs
+      writers.log(f"run in {workdir} already finished at step {finished} "
+                  f"(train.num_steps={num_steps}); nothing to do")
+      return finished
     run = setup(config, mesh, workdir=workdir)
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -498,11 +536,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
   data = task.train_data(jax.process_index(), jax.process_count())
 
   start = ckpt.latest_step()
-  if start is not None and start >= num_steps:
-    writers.log(f"run in {workdir} already finished at step {start} (train.num_steps={num_steps}); "
-                "nothing to do")
-    ckpt.close()
-    return start
   seconds = 0.0           # training wall-clock before this process's loop (from the checkpoint)
   if start is not None:
     state, data_state, meta = ckpt.restore(start, run.abstract_state, run.shardings)

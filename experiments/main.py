@@ -206,7 +206,8 @@ def main(argv):
       train.check_config_compatible(_WORKDIR.value, config)   # before a base run is trained for it
     except ValueError as e:
       raise train.ConfigError(str(e)) from e
-    registry.prepare(config, _WORKDIR.value)
+    if train.trained_steps(_WORKDIR.value) < int(config.train.num_steps):   # a finished run needs nothing
+      registry.prepare(config, _WORKDIR.value)
     train.train(config, _WORKDIR.value)
   except train.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -35,40 +35,21 @@ EVAL_KEY = 1234
 def base_workdir(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   """config.grpo.base_workdir, resolved against the GRPO run's `workdir` when relative (against the
   current directory when there is no workdir)."""
-  return os.path.join(workdir or os.curdir, os.path.expanduser(config.grpo.base_workdir))
-
-
-def _base_step(path: str) -> int:
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
-    return 0
-  ckpt = train.Checkpointer(path, create=False)
-  try:
-    return ckpt.latest_step() or 0
-  finally:
-    ckpt.close()
+  return os.path.normpath(os.path.join(workdir or os.curdir,
+                                       os.path.expanduser(config.grpo.base_workdir)))
 
 
 def prepare_base(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (or resumes) the base run with config.base when it is missing or unfinished, saying so."""
-  path = base_workdir(config, workdir)
-  step, want = _base_step(path), int(config.base.train.num_steps)
-  if step < want:
-    writers.log(f"base run {os.path.normpath(path)} is at step {step} of {want}: training it first "
-                "(config.base)")
-    train.train(config.base, path)
+  train.ensure_trained(config.base, base_workdir(config, workdir), "base")
 
 
 def base_model(config: ml_collections.ConfigDict, workdir: str | None):
   """(model, EMA params, base config) of the finished base run; FileNotFoundError when it is missing
   or unfinished (`prepare_base` trains it)."""
-  path = base_workdir(config, workdir)
-  step, want = _base_step(path), int(config.base.train.num_steps)
-  if step < want:
-    raise FileNotFoundError(
-        f"the base run {os.path.normpath(path)} (config.grpo.base_workdir={config.grpo.base_workdir!r},"
-        f" relative to the GRPO workdir) is at step {step} of {want}; train it first, e.g. by running "
-        "this config through `python -m experiments.main`, which trains it when missing")
-  params, base_config = train.restore_params(path)
+  params, base_config = train.restore_trained(
+      base_workdir(config, workdir), int(config.base.train.num_steps), "base",
+      f"config.grpo.base_workdir={config.grpo.base_workdir!r}, relative to the GRPO workdir")
   return flow_task.build_model(base_config), params, base_config
 
 

@@ -67,15 +67,20 @@ def rope_1d(positions_N: jax.Array, head_dim: int, *, base: float = 10000.0) -> 
   return jnp.asarray(positions_N, jnp.float32)[..., None] * _frequencies(head_dim // 2, base)
 
 
-def rope_2d(h: int, w: int, head_dim: int, *, base: float = 10000.0) -> jax.Array:
+def rope_2d(h: int, w: int, head_dim: int, *, base: float = 10000.0,
+            span: float | None = None) -> jax.Array:
   """Rotary angles [h*w, head_dim/2] for a row-major (h, w) grid of image tokens.
 
   The first half of the angles turn with the row index and the second with the column, so half of
   the head dim rotates with each axis and q.k depends only on (dy, dx) (FLUX- / PiD-style 2-D RoPE).
+  span: None keeps integer positions; a number rescales them to row * span / h and col * span / w,
+  so every grid covers the same position range (PiD's public code uses span 16 at any resolution).
   """
   if head_dim % 4:
     raise ValueError(f"rope_2d needs head_dim divisible by 4, got {head_dim}")
   rows, cols = _grid_positions(h, w)
+  if span is not None:
+    rows, cols = rows * (span / h), cols * (span / w)
   return jnp.concatenate([rope_1d(rows, head_dim // 2, base=base),
                           rope_1d(cols, head_dim // 2, base=base)], -1)
 
@@ -108,16 +113,19 @@ class TimestepEmbedder(nn.Module):
     features: output width.
     freq_dim: size of the sinusoid fed to the MLP.
     time_scale: t is multiplied by this first; 1000 matches DiT's integer timesteps.
+    max_period: the sinusoid's longest period (PiD's public code uses 10).
   """
   features: int
   freq_dim: int = 256
   time_scale: float = 1000.0
+  max_period: float = 10000.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, t_B: jax.Array) -> jax.Array:
-    emb = timestep_embedding(self.time_scale * jnp.asarray(t_B, jnp.float32), self.freq_dim)
+    emb = timestep_embedding(self.time_scale * jnp.asarray(t_B, jnp.float32), self.freq_dim,
+                             self.max_period)
     dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.normal(0.02), name=name)
     return dense("fc2")(nn.silu(dense("fc1")(emb)))

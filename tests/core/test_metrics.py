@@ -1,12 +1,17 @@
-"""Tests for core/metrics.py against scikit-image and hand counts."""
+"""Tests for core/metrics.py against scikit-image, BasicSR's NIQE and hand counts."""
 import math
+import os
+import sys
+import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from skimage.color import rgb2ycbcr
+import scipy.ndimage
+from skimage import data
+from skimage.color import deltaE_ciede2000, rgb2lab, rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from core import metrics
@@ -177,3 +182,180 @@ def test_paired_latencies_alternate_and_report_each_side():
   calls = []
   a, b = metrics.paired_latencies(lambda arg: calls.append(arg) or jnp.zeros(()), "a", "b", repeats=3)
   assert calls == ["a", "b"] * 4 and a > 0 and b > 0
+
+
+# NIQE references from BasicSR's own implementation: basicsr 1.4.2 (pip install basicsr==1.4.2 in a
+# throwaway venv, with torch 2.14.1+cu130 run on the CPU, torchvision 0.29.1, numpy 2.4.6, scipy 1.17.1,
+# opencv-python 5.1.0.95, scikit-image 0.26.0, Python 3.11.7), printed with repr() from
+#   from basicsr.metrics.niqe import calculate_niqe
+#   calculate_niqe(np.ascontiguousarray(rgb[..., ::-1]), crop_border, input_order="HWC", convert_to="y")
+# i.e. the uint8 RGB image as cv2.imread's BGR (camera3: skimage.data.camera() repeated to 3 channels),
+# and calculate_niqe(data.camera(), 0, input_order="HW") for the grey one. Importing basicsr 1.4.2 with
+# torchvision >= 0.17 needs sys.modules["torchvision.transforms.functional_tensor"] aliased to a module
+# holding torchvision.transforms.functional.rgb_to_grayscale (its data package imports it); the
+# metrics do not use it.
+_NIQE_BASICSR = [
+    ("astronaut", 0, 3.0649476661847754),
+    ("astronaut", 4, 2.9912960484545486),
+    ("camera3", 0, 3.155215748805634),
+    ("coffee", 0, 4.115241615372862),
+    ("camera", 0, 3.096206619345783),
+    ("coffee_96x192", 0, 13.141174559524423),       # two blocks
+    # One block: BasicSR's np.cov of one row is NaN and np.linalg.pinv raises LinAlgError; this is its
+    # calculate_niqe with niqe.py's np.cov replaced by MATLAB's nancov value there (zeros).
+    ("astronaut_128x128", 0, 9.46425853180315),
+]
+
+
+def _sample(name: str) -> np.ndarray:
+  crops = {"coffee_96x192": ("coffee", np.s_[:96, :192]),
+           "astronaut_128x128": ("astronaut", np.s_[:128, :128])}
+  base, crop = crops.get(name, (name, np.s_[:]))
+  if base == "camera3":
+    return np.repeat(data.camera()[..., None], 3, axis=-1)
+  return getattr(data, base)()[crop]
+
+
+@pytest.mark.parametrize("name,crop_border,expected", _NIQE_BASICSR)
+def test_niqe_matches_basicsr(name, crop_border, expected):
+  # Agreement is ~1e-5 but for photos with large saturated areas (astronaut 1e-4 to 2e-4, camera3
+  # 3.3e-4): BasicSR's float32 (MKL) bicubic halving leaves last-bit noise there, see metrics.niqe.
+  image = _sample(name)
+  np.testing.assert_allclose(metrics.niqe(image, data_range=255, crop_border=crop_border), expected,
+                             rtol=1e-3)
+
+
+def test_niqe_takes_any_data_range_and_dtype():
+  rgb = data.astronaut()[:200, :300]
+  expected = metrics.niqe(rgb, data_range=255)
+  # The luma is rounded to integers first, so [0, 1] floats and 16-bit data give the same number.
+  assert metrics.niqe(rgb / 255.0, data_range=1.0) == expected
+  assert metrics.niqe((rgb.astype(np.float32) / 255), data_range=1.0) == expected
+  assert metrics.niqe(rgb.astype(np.uint16) * 257, data_range=65535) == expected
+  grey = data.camera()[:200, :300]
+  assert metrics.niqe(grey[..., None], data_range=255) == metrics.niqe(grey, data_range=255)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee"])
+def test_niqe_rises_with_blur(name):
+  image = _sample(name).astype(np.float64)
+  blur = lambda sigma: scipy.ndimage.gaussian_filter(image, (sigma, sigma) + (0,) * (image.ndim - 2))
+  # Measured: astronaut 3.06, 5.41, 7.26; camera 3.10, 5.37, 8.04; coffee 4.12, 5.50, 8.16.
+  scores = [metrics.niqe(x, data_range=255) for x in (image, blur(1.0), blur(2.0))]
+  assert scores[0] + 1 < scores[1] and scores[1] + 1 < scores[2]
+
+
+def test_niqe_rejects_bad_images():
+  rgb = data.astronaut()[:100, :100]
+  with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+    metrics.niqe(rgb[None], data_range=255)                     # a batch
+  with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+    metrics.niqe(rgb[..., :2], data_range=255)
+  with pytest.raises(TypeError, match="dtype"):
+    metrics.niqe(rgb > 100, data_range=1)
+  with pytest.raises(TypeError, match="dtype"):
+    metrics.niqe(rgb.astype(np.complex64), data_range=255)
+  with pytest.raises(ValueError, match="96 x 96"):
+    metrics.niqe(data.astronaut()[:95, :300], data_range=255)
+  with pytest.raises(ValueError, match="96 x 96"):
+    metrics.niqe(rgb, data_range=255, crop_border=3)             # 94 x 94 left
+  with pytest.raises(ValueError, match="crop_border"):
+    metrics.niqe(rgb, data_range=255, crop_border=-1)
+  with pytest.raises(ValueError, match=r"\[0, data_range = 1.0\]"):
+    metrics.niqe(rgb, data_range=1.0)                            # a 0-255 image called as [0, 1]
+  with pytest.raises(ValueError, match="finite"):
+    metrics.niqe(np.where(rgb > 200, np.nan, rgb / 255), data_range=1.0)
+  with pytest.raises(ValueError, match="undefined"):
+    metrics.niqe(np.full((192, 192, 3), 0.5), data_range=1.0)
+
+
+def test_niqe_parameters_come_from_basicsr_without_importing_it(monkeypatch, tmp_path):
+  mu_F, cov_FxF = metrics.niqe_pristine_params()
+  assert mu_F.shape == (36,) and cov_FxF.shape == (36, 36)
+  np.testing.assert_allclose(cov_FxF, cov_FxF.T)
+  assert "basicsr" not in sys.modules
+  spec = metrics.importlib.util.find_spec("basicsr")
+  with np.load(os.path.join(spec.submodule_search_locations[0], "metrics", "niqe_pris_params.npz")) as f:
+    # The window the MSCN uses is the one BasicSR ships: 7 x 7, sigma 7 / 6.
+    np.testing.assert_allclose(metrics._gaussian_window(), f["gaussian_window"], rtol=0, atol=1e-16)
+  for found in (None, types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])):
+    monkeypatch.setattr(metrics, "importlib",
+                        types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: found)))
+    metrics.niqe_pristine_params.cache_clear()
+    try:
+      with pytest.raises(FileNotFoundError, match="make venv.*pip install --no-deps basicsr==1.4.2"):
+        metrics.niqe(data.astronaut()[:96, :96], data_range=255)
+    finally:
+      metrics.niqe_pristine_params.cache_clear()
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_bicubic_resize_keeps_planes_and_constants(factor, rng):
+  h, w = (int(n) for n in rng.integers(5, 9, 2))
+  i, j = np.meshgrid(np.arange(factor * h), np.arange(factor * w), indexing="ij")
+  a, b, c = rng.uniform(-1, 1, 3)
+  plane = (a + b * i + c * j)[None, :, :, None]
+  got = metrics.bicubic_resize(np.concatenate([plane, np.full_like(plane, a)], -1), (h, w))
+  assert got.shape == (1, h, w, 2)
+  np.testing.assert_allclose(got[..., 1], a, rtol=1e-12)         # rows sum to 1, also at the borders
+  # A cubic kernel stretched by an integer factor still reproduces linear functions, so away from the
+  # mirrored border (the kernel spans 2 factor input pixels each side of its centre) the output is
+  # the plane at the output pixels' centres, (k + 1/2) factor - 1/2 in input pixels.
+  centre = (np.arange(h) + 0.5) * factor - 0.5
+  inner = slice(2, h - 2)
+  expected = a + b * centre[:, None] + c * ((np.arange(w) + 0.5) * factor - 0.5)[None, :]
+  np.testing.assert_allclose(got[0, inner, 2:w - 2, 0], expected[inner, 2:w - 2], rtol=0, atol=1e-12)
+  if factor == 1:
+    np.testing.assert_allclose(got[..., 0], plane[..., 0], rtol=0, atol=1e-12)
+
+
+def _colour_pair(rng, shape):
+  """Random RGB images in [0, 1] and noisy copies, each image with its own noise level."""
+  a = rng.uniform(0, 1, shape)
+  noise = rng.uniform(0.02, 0.3, (shape[0], 1, 1, 1))
+  return a, np.clip(a + noise * rng.standard_normal(shape), 0, 1)
+
+
+def test_ciede2000_matches_skimage_per_image(rng):
+  a, b = _colour_pair(rng, (3, 6, 7, 3))
+  got = metrics.ciede2000(a, b)
+  assert got.shape == (3,)
+  expected = [deltaE_ciede2000(rgb2lab(a[k]), rgb2lab(b[k])).mean() for k in range(3)]
+  np.testing.assert_allclose(got, expected, rtol=1e-12)
+  np.testing.assert_allclose(metrics.ciede2000(b, a), got, rtol=1e-12)        # symmetric
+  np.testing.assert_array_equal(metrics.ciede2000(a, a), 0.0)
+  assert (got > 0).all()
+
+
+def test_colour_error_of_flat_colours(rng):
+  # Constant images stay constant under the resize, so the error is the two colours' CIEDE2000.
+  sr_colour, lr_colour = rng.uniform(0, 1, (2, 2, 1, 1, 3))
+  factor = int(rng.integers(1, 5))
+  sr = np.broadcast_to(sr_colour, (2, 4 * factor, 5 * factor, 3))
+  lr = np.broadcast_to(lr_colour, (2, 4, 5, 3))
+  expected = deltaE_ciede2000(rgb2lab(sr_colour[:, 0, 0]), rgb2lab(lr_colour[:, 0, 0]))
+  np.testing.assert_allclose(metrics.colour_error(sr, lr), expected, rtol=1e-9)
+
+
+def test_colour_error_is_zero_against_its_own_downsampling(rng):
+  sr, _ = _colour_pair(rng, (2, 12, 16, 3))
+  lr = np.clip(metrics.bicubic_resize(sr, (3, 4)), 0, 1)
+  np.testing.assert_allclose(metrics.colour_error(sr, lr), 0.0, atol=1e-9)
+  assert (metrics.colour_error(sr, np.clip(lr + 0.05, 0, 1)) > 0.5).all()
+  np.testing.assert_array_equal(metrics.colour_error(sr, sr), 0.0)              # factor 1
+
+
+def test_colour_metrics_reject_bad_shapes():
+  x = np.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    metrics.ciede2000(x, x[:1])
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    metrics.ciede2000(x[0], x[0])
+  with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+    metrics.ciede2000(x[..., :1], x[..., :1])
+  with pytest.raises(ValueError, match="lr"):
+    metrics.colour_error(x[:, :4, :4], x)                         # LR larger than SR
+  with pytest.raises(ValueError, match="lr"):
+    metrics.colour_error(x, x[:1, :4, :4])                        # batch sizes differ
+  with pytest.raises(ValueError, match="lr"):
+    metrics.colour_error(x[..., :2], x[:, :4, :4, :2])

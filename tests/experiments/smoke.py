@@ -22,9 +22,16 @@ SHARED_RUNS = {
     "relay_code_relay": "experiments/configs/relay_code.py:smoke",
     # Fine-tunes its sibling flow_2d_smoke (config.grpo.base_workdir is "../flow_2d_smoke").
     "precise_2d_smoke": "experiments/configs/precise_2d.py:smoke",
+    "pid_autoencoder_smoke": "experiments/configs/pid_autoencoder.py:smoke",
+    "pid_backbone_smoke": "experiments/configs/pid.py:smoke,backbone",
+    # The adapter on the frozen pid_backbone_smoke, conditioned through pid_autoencoder_smoke.
+    "pid_x4_smoke": "experiments/configs/pid.py:smoke",
+    "pid_latent_smoke": "experiments/configs/pid_latent.py:smoke",
 }
 # Runs a shared run needs next to it (trained first, so two workers never train one run at once).
-NEEDS = {"precise_2d_smoke": ("flow_2d_smoke",)}
+NEEDS = {"precise_2d_smoke": ("flow_2d_smoke",),
+         "pid_x4_smoke": ("pid_autoencoder_smoke", "pid_backbone_smoke"),
+         "pid_latent_smoke": ("pid_autoencoder_smoke",)}
 
 
 def cli_env() -> dict:

@@ -1,0 +1,71 @@
+"""PiD (arXiv 2605.23902): the pixel diffusion decoder on the autoencoder of pid_autoencoder.py.
+
+Argument `preset[,variant]`; variants:
+  x4        (default) the teacher at 4x: the adapter trained on the frozen pretrained backbone
+  x8        the same at 8x
+  full_x4   4x with the backbone fine-tuned too
+  backbone  the pixel DiT pretrained alone (unconditional), which the others start from
+Runs they build on are trained first when missing: ../pid_autoencoder_<preset> and
+../pid_backbone_<preset>, relative to the workdir.
+  python -m experiments.main --config experiments/configs/pid.py:cpu --workdir runs/pid_x4_cpu
+"""
+from experiments.configs import _base, pid_autoencoder
+
+VARIANTS = ("x4", "x8", "full_x4", "backbone")
+
+
+def get_config(arg: str = "cpu"):
+  preset, variant = _base.parse_arg(arg, VARIANTS)
+  c = _base.base(preset)
+  c.task = "pid"
+  # 128 px HR crops: 4x from the autoencoder's 32 px inputs (8x: 16 px).
+  c.data.update({"name": "image_crops", "config": "s128", "eval_split": "eval"})
+  c.eval_size = 8
+  c.pid = {
+      "mode": {"backbone": "pretrain", "full_x4": "full"}.get(variant, "adapter"),
+      "scale": 8 if variant == "x8" else 4,
+      "autoencoder_workdir": f"../pid_autoencoder_{preset}",
+      "backbone_workdir": f"../pid_backbone_{preset}",
+      # Logit-normal(0, 1) times, shift 0 = PiD's 6 sqrt(sqrt(H W) / 2048) (1.5 at 128 px).
+      "time_mean": 0.0, "time_std": 1.0, "shift": 0.0,
+      # Latent corruption: sigma ~ U[0, 0.8] on 75% of the examples; latent dropout 10% (CFG).
+      "sigma_max": 0.8, "corrupt_prob": 0.75, "drop_prob": 0.1,
+      "colour_weight": 0.8,            # v1.5's auxiliary colour loss
+      "sample_steps": 16, "cfg_scale": 1.0,
+      "sigma_lat": 0.2,                # the decode-time default users settled on
+  }
+  # The public code's widths scaled down; patch 16 as published, so a 128 px image is 8x8 tokens.
+  c.model.update({
+      "patch_size": 16, "width": 128, "depth": 4, "num_heads": 4, "mlp_hidden": 352,
+      "caption_tokens": 4, "pixel_channels": 8, "pixel_depth": 2, "pixel_width": 128,
+      "pixel_heads": 4, "rope_span": 16.0, "attention": "xla",
+      "adapter": {"hidden": 64, "num_res_blocks": 4, "num_groups": 4, "gate_kind": "token",
+                  "gate_impl": "auto", "padding": "replicate", "inject_every": 2},
+  })
+  c.train.update({"num_steps": 1500, "global_batch_size": 8, "log_every": 100, "eval_every": 1000,
+                  "sample_every": 1000, "checkpoint_every": 500})
+  # The paper trains the adapter with AdamW 5e-5, clip 0.1, EMA; at our scale from scratch a larger lr.
+  c.optim.update({"lr": 3e-4, "warmup_steps": 100, "grad_clip_norm": 1.0, "ema_decay": 0.999})
+  if preset == "smoke":
+    c.model.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64, "caption_tokens": 2,
+                    "pixel_channels": 4, "pixel_width": 32, "pixel_heads": 2})
+    c.model.adapter.update({"hidden": 16, "num_res_blocks": 1})
+    c.data.config = "s64"
+    c.eval_size = 2
+    c.pid.sample_steps = 2
+    c.train.update({"num_steps": 2, "global_batch_size": 4, "log_every": 1, "eval_every": 2,
+                    "sample_every": 2, "checkpoint_every": 2})
+    c.optim.update({"warmup_steps": 1})
+  elif preset == "paper":   # design doc pid.md: ~1.40 B parameters
+    c.model.update({"width": 1536, "depth": 14, "num_heads": 24, "mlp_hidden": 4096,
+                    "caption_tokens": 16, "pixel_channels": 16, "pixel_width": 1152, "pixel_heads": 16,
+                    "attention": "auto"})
+    c.model.adapter.update({"hidden": 1024})
+    c.data.config = "s256"
+    c.train.update({"num_steps": 100000, "global_batch_size": 64, "compute_dtype": "bfloat16",
+                    "eval_every": 5000, "sample_every": 5000, "checkpoint_every": 2000})
+    c.optim.update({"lr": 5e-5, "warmup_steps": 1000, "grad_clip_norm": 0.1, "ema_decay": 0.9999})
+  if c.pid.mode != "pretrain":
+    c.autoencoder = pid_autoencoder.get_config(preset)
+    c.backbone = get_config(f"{preset},backbone")
+  return c
