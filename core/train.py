@@ -64,6 +64,10 @@ class Task:
   init_carry: key -> pytree of global arrays whose leading dim is the global batch: state a task keeps
     from one step to the next (Relay's rollout buffer, GRPO's sampled batch), checkpointed with the
     train state and sharded like the batch; the new carry is not differentiated.
+  update_groups: params -> (pytree of group names like params, {name: step -> bool, or None}): each
+    group gets its own copy of the optimiser, applied only at the steps (0, 1, ...) where its
+    function is True, its state untouched at the others; None never updates (frozen). DMD2's
+    alternating generator / critic updates (decoders/distill.py). Excludes `trainable`.
   """
   init_params: Callable[[jax.Array], PyTree]
   loss: Callable[[PyTree, Mapping[str, jax.Array], jax.Array, PyTree],
@@ -73,6 +77,7 @@ class Task:
   sample: Callable[[PyTree, int, str], Mapping[str, float]] | None = None
   trainable: Callable[[PyTree], PyTree] | None = None
   init_carry: Callable[[jax.Array], PyTree] | None = None
+  update_groups: Callable[[PyTree], tuple[PyTree, Mapping[str, Callable | None]]] | None = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -100,11 +105,14 @@ def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
   raise ValueError(f"config.optim.schedule={optim.schedule!r}; expected one of ['constant', 'cosine']")
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
-                   trainable: PyTree | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int, trainable: PyTree | None = None,
+                   groups: tuple[PyTree, Mapping[str, Callable | None]] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping + AdamW (weight decay on >= 2-D arrays only) or SGD with momentum.
 
   `trainable` (pytree of bools like params) freezes the False leaves: their updates are exactly zero.
+  `groups` (labels, {label: step -> bool or None}) gives each group its own optimiser (clipping
+  included), applied only at the steps its function allows (`Task.update_groups`).
   """
   schedule = make_schedule(optim, num_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -119,6 +127,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
   if trainable is not None:
     labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  if groups is not None:
+    if trainable is not None:
+      raise ValueError("a task gives either trainable or update_groups, not both")
+    labels, when = groups
+    tx = optax.multi_transform(
+        {name: optax.set_to_zero() if fn is None else optax.transforms.conditionally_mask(tx, fn)
+         for name, fn in when.items()}, labels)
   return tx, schedule
 
 
@@ -240,7 +255,8 @@ def setup(config: ml_collections.ConfigDict, mesh, task: Task | None = None,
   boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   abstract_params = meta.unbox(boxed)
   trainable = None if task.trainable is None else task.trainable(abstract_params)
-  tx, schedule = make_optimizer(config.optim, int(config.train.num_steps), trainable)
+  groups = None if task.update_groups is None else task.update_groups(abstract_params)
+  tx, schedule = make_optimizer(config.optim, int(config.train.num_steps), trainable, groups)
   init_fn = lambda key: init_state(task, tx, key)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   shardings = state_shardings(abstract, mesh, config, sharding.declared_axes(boxed))

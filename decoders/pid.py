@@ -178,13 +178,20 @@ class PixelDiT(nn.Module):
     return (rope_2d(*hw, self.width // self.num_heads, span=self.rope_span),
             rope_2d(*hw, self.pixel_width // self.pixel_heads, span=self.rope_span))
 
-  def embed(self, x_BxHxWx3: jax.Array, t_B: jax.Array):
-    """(patch tokens [B, N, D], caption [B, M, D], t_emb [B, D], pixel features [B, N, p^2, C])."""
+  def embed(self, x_BxHxWx3: jax.Array, t_B: jax.Array, image_cond: jax.Array | None = None):
+    """(patch tokens [B, N, D], caption [B, M, D], t_emb [B, D], pixel features [B, N, p^2, C]).
+
+    image_cond [B, H, W, c] is concatenated to x's channels before both embeddings (the cascade
+    baseline's conditioning on the upsampled decoded image)."""
     b, hgt, wid, _ = x_BxHxWx3.shape
     if jnp.shape(t_B) != (b,):
       raise ValueError(f"t_B must have shape [B] = ({b},), got {jnp.shape(t_B)}")
     p, ch = self.patch_size, self.pixel_channels
     x = x_BxHxWx3.astype(self.dtype)
+    if image_cond is not None:
+      if image_cond.shape[:3] != x.shape[:3]:
+        raise ValueError(f"image_cond must be [B, H, W, c] with x's {x.shape[:3]}, got {image_cond.shape}")
+      x = jnp.concatenate([x, image_cond.astype(self.dtype)], axis=-1)
     tokens = constrain(self.patch_embed(patchify(x, p)), TOKENS)
     caption = jnp.broadcast_to(self.null_caption.astype(self.dtype), (b, *self.null_caption.shape))
     t_emb = self.t_embed(t_B)
@@ -225,7 +232,8 @@ class PiD(nn.Module):
 
   def __call__(self, x_BxHxWx3: jax.Array, t_B: jax.Array, latent: jax.Array | None = None,
                sigma_B: jax.Array | None = None, keep_B: jax.Array | None = None, *,
-               return_colour: bool = False):
+               return_colour: bool = False, features_at: int | None = None,
+               image_cond: jax.Array | None = None):
     """Args:
       x_BxHxWx3: the noisy image x_t.
       t_B: pixel diffusion times in [0, 1].
@@ -233,6 +241,9 @@ class PiD(nn.Module):
       sigma_B: the latent's noise level (default 0); enters only through the adapter's gates.
       keep_B: 1 where the latent is used, 0 where it is dropped (CFG training); default all 1.
       return_colour: also return the adapter's low-resolution colour prediction [B, H/s, W/s, 3].
+      features_at: return the patch tokens [B, N, D] after this joint block instead (DMD2's GAN
+        head reads the teacher's there); nothing after it is computed.
+      image_cond: [B, H, W, c] images concatenated to x's channels (the cascade baseline).
     Returns:
       The velocity [B, H, W, 3] in float32 (and the colour prediction with return_colour).
     """
@@ -240,7 +251,7 @@ class PiD(nn.Module):
     hw = bb.grid(x_BxHxWx3)
     b = x_BxHxWx3.shape[0]
     rope, pixel_rope = bb.ropes(hw)
-    tokens, caption, t_emb, pix = bb.embed(x_BxHxWx3, t_B)
+    tokens, caption, t_emb, pix = bb.embed(x_BxHxWx3, t_B, image_cond)
     lq, colour = None, None
     if latent is not None:
       if self.adapter is None:
@@ -260,6 +271,8 @@ class PiD(nn.Module):
         tokens = self.adapter.inject(i // self.inject_every, tokens, lq[i // self.inject_every],
                                      sigma_B)
       tokens, caption = block(tokens, caption, t_emb, rope)
+      if i == features_at:
+        return tokens
     cond = bb.pixel_condition(tokens, t_emb)
     if lq is not None:
       cond = self.adapter.inject(self.num_injections - 1, cond, lq[-1], sigma_B)

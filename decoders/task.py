@@ -6,6 +6,10 @@ config.pid.mode:
   "adapter"   the paper's recipe: a fresh adapter on the frozen backbone of the run
               config.pid.backbone_workdir (trained with config.backbone when missing).
   "full"      the same, with the backbone fine-tuned too.
+  "cascade"   the baseline: a pixel diffusion SR model of the same size, the pretrained backbone with
+              the bicubic-upsampled autoencoder decode of the latent concatenated to its input
+              channels (their input weights zero-initialised, so it starts as the backbone), fully
+              fine-tuned: autoencoder decode, then diffusion SR.
 The condition: HR crop [-1, 1] -> antialiased bicubic downsampling by config.pid.scale -> the frozen
 autoencoder of config.pid.autoencoder_workdir (trained with config.autoencoder when missing) -> its
 posterior mean x latent_scale (unit variance on the training crops).
@@ -33,7 +37,7 @@ from flax.core import meta
 from core import data, flow, metrics, registry, train, writers
 from decoders import adapter as adapter_lib, autoencoder, pid
 
-MODES = ("pretrain", "adapter", "full")
+MODES = ("pretrain", "adapter", "full", "cascade")
 GATE_KINDS = ("channel", "token")
 
 # JPEG's full-range YCbCr from RGB in [0, 1] (ITU-T T.871): Y, Cb - 1/2, Cr - 1/2 rows.
@@ -100,7 +104,7 @@ def build_model(config: ml_collections.ConfigDict) -> pid.PiD:
       pixel_width=int(mc.pixel_width), pixel_heads=int(mc.pixel_heads), rope_span=float(mc.rope_span),
       attn_impl=mc.attention, dtype=dtype)
   inject_every = int(mc.adapter.inject_every)
-  if pc.mode == "pretrain":
+  if pc.mode in ("pretrain", "cascade"):
     return pid.PiD(backbone, None, inject_every)
   ac = mc.adapter
   patch, scale = int(mc.patch_size), int(pc.scale)
@@ -117,6 +121,12 @@ def run_path(config: ml_collections.ConfigDict, workdir: str | None, field: str)
   return os.path.normpath(os.path.join(workdir or os.curdir, os.path.expanduser(config.pid[field])))
 
 
+def decode_and_upsample(encoder: autoencoder.Frozen, z: jax.Array, hr_hw: tuple[int, int]) -> jax.Array:
+  """The classic decoder: autoencoder decode of z, clipped to [-1, 1], bicubic-upsampled to hr_hw."""
+  lr = jnp.clip(encoder.decode(z), -1.0, 1.0)
+  return jax.image.resize(lr, (lr.shape[0], *hr_hw, lr.shape[-1]), "bicubic")
+
+
 def pid_losses(model: pid.PiD, params, hr_BxHxWx3: jax.Array, key: jax.Array,
                config: ml_collections.ConfigDict, encoder: autoencoder.Frozen | None) -> tuple[jax.Array, dict]:
   """The loss (scalar) and its terms ("flow", "colour", "sigma_lat") for a batch of HR images."""
@@ -129,6 +139,11 @@ def pid_losses(model: pid.PiD, params, hr_BxHxWx3: jax.Array, key: jax.Array,
   terms = {}
   if encoder is None:                              # pretraining: the backbone alone
     v = model.apply({"params": params}, x_t, t)
+    colour_B = jnp.zeros((b,))
+  elif pc.mode == "cascade":
+    z = encoder.encode(downsample(hr_BxHxWx3, int(pc.scale)))
+    cond = jax.lax.stop_gradient(decode_and_upsample(encoder, z, hr_BxHxWx3.shape[1:3]))
+    v = model.apply({"params": params}, x_t, t, image_cond=cond)
     colour_B = jnp.zeros((b,))
   else:
     lr = downsample(hr_BxHxWx3, int(pc.scale))
@@ -145,13 +160,15 @@ def pid_losses(model: pid.PiD, params, hr_BxHxWx3: jax.Array, key: jax.Array,
   return loss, {"flow": flow_loss, "colour": colour_B.mean(), **terms}
 
 
-def decode(model: pid.PiD, params, latent, sigma_B, noise_BxHxWx3, grid, cfg_scale: float = 1.0):
+def decode(model: pid.PiD, params, latent, sigma_B, noise_BxHxWx3, grid, cfg_scale: float = 1.0, *,
+           image_cond: jax.Array | None = None):
   """PiD's sampler: Euler along `grid` from noise to the HR image [B, H, W, 3], conditioned on the
-  latent at noise level sigma_B; with cfg_scale != 1, guided against the latent-free model."""
+  latent at noise level sigma_B; with cfg_scale != 1, guided against the latent-free model. With
+  latent None: the backbone alone, or the cascade conditioned on image_cond."""
   b = noise_BxHxWx3.shape[0]
   sigma_B = jnp.broadcast_to(jnp.asarray(sigma_B, jnp.float32), (b,))
   if latent is None:
-    velocity = lambda x, t: model.apply({"params": params}, x, t)
+    velocity = lambda x, t: model.apply({"params": params}, x, t, image_cond=image_cond)
   elif cfg_scale == 1.0:
     velocity = lambda x, t: model.apply({"params": params}, x, t, latent, sigma_B)
   else:
@@ -159,6 +176,28 @@ def decode(model: pid.PiD, params, latent, sigma_B, noise_BxHxWx3, grid, cfg_sca
     velocity = flow.guided(fn, (latent, sigma_B, jnp.ones((b,))), (latent, sigma_B, jnp.zeros((b,))),
                            cfg_scale)
   return flow.euler_sample(velocity, noise_BxHxWx3, grid)
+
+
+def widen_inputs(fresh_boxed, pretrained, patch: int):
+  """The pretrained backbone in the fresh (boxed) tree of a backbone whose input has extra channels:
+  the input weights of the new channels (patch and pixel embeddings) are zero, so it computes exactly
+  what the pretrained backbone does until they are trained."""
+  fresh = meta.unbox(fresh_boxed)
+  inputs = ("patch_embed", "pixel_embed")
+  rest = lambda tree: jax.tree.map(jnp.shape, {k: v for k, v in tree.items() if k not in inputs})
+  old_c, new_c = (tree["pixel_embed"]["kernel"].shape[0] for tree in (pretrained, fresh))
+  if rest(fresh) != rest(pretrained) or new_c < old_c:
+    raise ValueError("the backbone run has a different architecture from config.model; pretrain it "
+                     "with the same config.model")
+  pk, ek = fresh["patch_embed"]["kernel"], fresh["pixel_embed"]["kernel"]
+  zeros = lambda shape: jnp.zeros(shape, pk.dtype)
+  old_p = pretrained["patch_embed"]["kernel"].reshape(patch * patch, old_c, -1)   # (row, col, channel)
+  out = dict(pretrained)
+  out["patch_embed"] = {**pretrained["patch_embed"], "kernel": jnp.concatenate(
+      [old_p, zeros((patch * patch, new_c - old_c, old_p.shape[-1]))], axis=1).reshape(pk.shape)}
+  out["pixel_embed"] = {**pretrained["pixel_embed"], "kernel": jnp.concatenate(
+      [pretrained["pixel_embed"]["kernel"], zeros((new_c - old_c, ek.shape[1]))])}
+  return meta.replace_boxed(fresh_boxed, out)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -177,7 +216,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not lo <= float(pc[field]) <= hi:
       raise ValueError(f"config.pid.{field}={pc[field]}; expected a value in [{lo}, {hi}]")
   if pc.mode != "pretrain":
-    if float(pc.colour_weight) and patch % scale:
+    if float(pc.colour_weight) and patch % scale and pc.mode != "cascade":
       raise ValueError(f"the colour head needs config.model.patch_size={patch} to be a multiple of "
                        f"config.pid.scale={scale} (LR pixels per patch); or set config.pid.colour_weight=0")
     factor = 2 ** (len(config.autoencoder.model.channels) - 1)
@@ -220,6 +259,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     x, t = jnp.zeros((1, size, size, 3)), jnp.full((1,), 0.5)
     if encoder is None:
       return model.init(key, x, t)["params"]
+    if pc.mode == "cascade":
+      return {"backbone": widen_inputs(model.init(key, x, t, image_cond=x)["params"]["backbone"],
+                                       backbone_params, int(config.model.patch_size))}
     z = jnp.zeros((1, lat, lat, int(encoder.config.model.z_channels)))
     params = model.init(key, x, t, z, jnp.zeros((1,)))["params"]
     fresh = jax.tree.map(jnp.shape, meta.unbox(params["backbone"]))
@@ -253,6 +295,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
   @jax.jit
   def eval_decode(params):
     latent = None if encoder is None else encoder.encode(downsample(eval_hr, scale))
+    if pc.mode == "cascade":
+      return decode(model, params, None, 0.0, noise, grid,
+                    image_cond=decode_and_upsample(encoder, latent, eval_hr.shape[1:3]))
     return decode(model, params, latent, 0.0, noise, grid, float(pc.cfg_scale))
 
   def evaluate(params, step, workdir):

@@ -5,3 +5,4 @@ from flowrl import task as flowrl_task  # noqa: F401
 from decoders import autoencoder  # noqa: F401
 from decoders import task as pid_task  # noqa: F401
 from decoders import latent_flow  # noqa: F401
+from decoders import distill  # noqa: F401

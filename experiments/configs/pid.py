@@ -4,6 +4,9 @@ Argument `preset[,variant]`; variants:
   x4        (default) the teacher at 4x: the adapter trained on the frozen pretrained backbone
   x8        the same at 8x
   full_x4   4x with the backbone fine-tuned too
+  cascade_x4, cascade_x8
+            the baseline: autoencoder decode + bicubic up, then pixel diffusion SR by the same
+            backbone (fine-tuned, the decoded image concatenated to its input)
   backbone  the pixel DiT pretrained alone (unconditional), which the others start from
 Runs they build on are trained first when missing: ../pid_autoencoder_<preset> and
 ../pid_backbone_<preset>, relative to the workdir.
@@ -11,7 +14,7 @@ Runs they build on are trained first when missing: ../pid_autoencoder_<preset> a
 """
 from experiments.configs import _base, pid_autoencoder
 
-VARIANTS = ("x4", "x8", "full_x4", "backbone")
+VARIANTS = ("x4", "x8", "full_x4", "cascade_x4", "cascade_x8", "backbone")
 
 
 def get_config(arg: str = "cpu"):
@@ -22,8 +25,9 @@ def get_config(arg: str = "cpu"):
   c.data.update({"name": "image_crops", "config": "s128", "eval_split": "eval"})
   c.eval_size = 8
   c.pid = {
-      "mode": {"backbone": "pretrain", "full_x4": "full"}.get(variant, "adapter"),
-      "scale": 8 if variant == "x8" else 4,
+      "mode": {"backbone": "pretrain", "full_x4": "full", "cascade_x4": "cascade",
+               "cascade_x8": "cascade"}.get(variant, "adapter"),
+      "scale": 8 if variant.endswith("x8") else 4,
       "autoencoder_workdir": f"../pid_autoencoder_{preset}",
       "backbone_workdir": f"../pid_backbone_{preset}",
       # Logit-normal(0, 1) times, shift 0 = PiD's 6 sqrt(sqrt(H W) / 2048) (1.5 at 128 px).

@@ -115,6 +115,31 @@ def test_clipping_ema_and_frozen_leaves(rng):
   assert int(state1.step) == 1
 
 
+def test_update_groups_alternate_and_keep_their_state(rng):
+  """Group "gen" steps at 5 and 11 (every 6th step), "critic" at the others, "frozen" never: each moves only at its steps, by SGD on its own gradient, bitwise still otherwise."""
+  params = {name: jnp.asarray(rng.normal(size=(3,)), jnp.float32) for name in ("g", "c", "t")}
+  loss = lambda p, batch, k, c: (sum(jnp.sum(v ** 2) for v in p.values()), {}, c)
+  groups = lambda p: ({"g": "gen", "c": "critic", "t": "frozen"},
+                      {"gen": lambda n: n % 6 == 5, "critic": lambda n: n % 6 != 5, "frozen": None})
+  task = train.Task(init_params=lambda k: params, loss=loss, train_data=None, update_groups=groups)
+  config = _flow_2d_config()
+  config.optim.update({"name": "sgd", "b1": 0.0, "lr": 0.1, "warmup_steps": 0, "schedule": "constant",
+                       "grad_clip_norm": 0.0, "ema_decay": 0.0})
+  tx, schedule = train.make_optimizer(config.optim, 12, groups=groups(params))
+  state = train.init_state(task, tx, jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(task, tx, schedule, config))
+  for n in range(12):
+    before = jax.tree.map(np.asarray, state.params)
+    state, _ = step(state, {})
+    for name, moves in (("g", n % 6 == 5), ("c", n % 6 != 5), ("t", False)):
+      want = before[name] * (1 - 0.2) if moves else before[name]     # x - 0.1 * 2x
+      np.testing.assert_allclose(state.params[name], want, rtol=1e-6)
+      if not moves:
+        np.testing.assert_array_equal(state.params[name], before[name])
+  with pytest.raises(ValueError, match="either trainable or update_groups"):
+    train.make_optimizer(config.optim, 12, {"g": True, "c": True, "t": True}, groups(params))
+
+
 def _nan_task(bad_step):
   @registry.register(f"test_nan_at_{bad_step}")
   def build(config, workdir=None):

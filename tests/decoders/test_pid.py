@@ -336,3 +336,21 @@ def test_a_sharded_step_with_the_pallas_gate_matches_one_device(rng, key):
   np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+
+
+def test_the_cascade_starts_as_the_pretrained_backbone(rng):
+  """widen_inputs: the decoded-image channels get zero input weights, so the widened backbone computes
+  what the pretrained one does, whatever the conditioning image; another architecture is refused."""
+  plain = pid.PiD(_backbone(depth=1), None)
+  x, t, _, _ = _inputs(rng)
+  cond = jnp.asarray(rng.uniform(-1, 1, size=x.shape), jnp.float32)
+  backbone = random_params(plain, rng, x, t, scale=0.3)["backbone"]
+  fresh = plain.init(jax.random.PRNGKey(0), x, t, image_cond=cond)["params"]["backbone"]
+  widened = meta.unbox(task.widen_inputs(fresh, backbone, P))
+  assert widened["patch_embed"]["kernel"].shape == (P * P * 6, 16)
+  got = plain.apply({"params": {"backbone": widened}}, x, t, image_cond=cond)
+  np.testing.assert_allclose(got, plain.apply({"params": {"backbone": backbone}}, x, t),
+                             rtol=1e-5, atol=1e-6)
+  other = random_params(pid.PiD(_backbone(depth=1, width=24, num_heads=2), None), rng, x, t)["backbone"]
+  with pytest.raises(ValueError, match="different architecture"):
+    task.widen_inputs(fresh, other, P)

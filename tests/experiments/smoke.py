@@ -27,11 +27,13 @@ SHARED_RUNS = {
     # The adapter on the frozen pid_backbone_smoke, conditioned through pid_autoencoder_smoke.
     "pid_x4_smoke": "experiments/configs/pid.py:smoke",
     "pid_latent_smoke": "experiments/configs/pid_latent.py:smoke",
+    "pid_dmd_smoke": "experiments/configs/pid_distill.py:smoke",      # distils pid_x4_smoke
 }
 # Runs a shared run needs next to it (trained first, so two workers never train one run at once).
 NEEDS = {"precise_2d_smoke": ("flow_2d_smoke",),
          "pid_x4_smoke": ("pid_autoencoder_smoke", "pid_backbone_smoke"),
-         "pid_latent_smoke": ("pid_autoencoder_smoke",)}
+         "pid_latent_smoke": ("pid_autoencoder_smoke",),
+         "pid_dmd_smoke": ("pid_x4_smoke",)}
 
 
 def cli_env() -> dict:
