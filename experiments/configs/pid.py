@@ -4,6 +4,8 @@ Argument `preset[,variant]`; variants:
   x4        (default) the teacher at 4x: the adapter trained on the frozen pretrained backbone
   x8        the same at 8x
   full_x4   4x with the backbone fine-tuned too
+  f16c16_x4 4x conditioned on another latent space: a deeper f16 autoencoder with 16 channels
+            (pid_autoencoder.py:<preset>,f16c16; the paper shows SigLIP / DINOv2 latents)
   cascade_x4, cascade_x8
             the baseline: autoencoder decode + bicubic up, then pixel diffusion SR by the same
             backbone (fine-tuned, the decoded image concatenated to its input)
@@ -14,7 +16,7 @@ Runs they build on are trained first when missing: ../pid_autoencoder_<preset> a
 """
 from experiments.configs import _base, pid_autoencoder
 
-VARIANTS = ("x4", "x8", "full_x4", "cascade_x4", "cascade_x8", "backbone")
+VARIANTS = ("x4", "x8", "full_x4", "f16c16_x4", "cascade_x4", "cascade_x8", "backbone")
 
 
 def get_config(arg: str = "cpu"):
@@ -28,7 +30,8 @@ def get_config(arg: str = "cpu"):
       "mode": {"backbone": "pretrain", "full_x4": "full", "cascade_x4": "cascade",
                "cascade_x8": "cascade"}.get(variant, "adapter"),
       "scale": 8 if variant.endswith("x8") else 4,
-      "autoencoder_workdir": f"../pid_autoencoder_{preset}",
+      "autoencoder_workdir": (f"../pid_autoencoder_f16c16_{preset}" if variant.startswith("f16c16")
+                              else f"../pid_autoencoder_{preset}"),
       "backbone_workdir": f"../pid_backbone_{preset}",
       # Logit-normal(0, 1) times, shift 0 = PiD's 6 sqrt(sqrt(H W) / 2048) (1.5 at 128 px).
       "time_mean": 0.0, "time_std": 1.0, "shift": 0.0,
@@ -70,6 +73,7 @@ def get_config(arg: str = "cpu"):
                     "eval_every": 5000, "sample_every": 5000, "checkpoint_every": 2000})
     c.optim.update({"lr": 5e-5, "warmup_steps": 1000, "grad_clip_norm": 0.1, "ema_decay": 0.9999})
   if c.pid.mode != "pretrain":
-    c.autoencoder = pid_autoencoder.get_config(preset)
+    c.autoencoder = pid_autoencoder.get_config(
+        f"{preset},f16c16" if variant.startswith("f16c16") else preset)
     c.backbone = get_config(f"{preset},backbone")
   return c

@@ -1,6 +1,5 @@
 """decoders/latent_flow.py: the early-exit grid and sampler against the exact flow of a point mass,
 and the latent task's config checks."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
