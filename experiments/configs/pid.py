@@ -54,8 +54,9 @@ def get_config(arg: str = "cpu"):
   # The paper trains the adapter with AdamW 5e-5, clip 0.1, EMA; at our scale from scratch a larger lr.
   c.optim.update({"lr": 3e-4, "warmup_steps": 100, "grad_clip_norm": 1.0, "ema_decay": 0.999})
   if preset == "smoke":
-    c.model.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64, "caption_tokens": 2,
-                    "pixel_channels": 4, "pixel_width": 32, "pixel_heads": 2})
+    # One block of each path: smoke runs are mostly compilation, which grows with the depth.
+    c.model.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_hidden": 64, "caption_tokens": 2,
+                    "pixel_channels": 4, "pixel_depth": 1, "pixel_width": 32, "pixel_heads": 2})
     c.model.adapter.update({"hidden": 16, "num_res_blocks": 1})
     c.data.config = "s64"
     c.eval_size = 2
