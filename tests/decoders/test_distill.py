@@ -23,8 +23,9 @@ def test_dmd_update_moves_a_gaussian_student_toward_the_teacher(rng, key):
 
   def loss(theta, k):
     k_g, k_t, k_n = jax.random.split(k, 3)
-    x0 = theta + std * jax.random.normal(k_g, (256, 1))
-    t = distill.perturbation_time(k_t, 256)
+    # 64 examples of 32 dimensions each: the normaliser is a per-example mean, as over an image's pixels.
+    x0 = theta + std * jax.random.normal(k_g, (64, 32))
+    t = distill.perturbation_time(k_t, 64)
     x_t = distill.renoise(x0, t, k_n)
     real = _posterior_mean(x_t, t[:, None], mu, std)
     fake = _posterior_mean(x_t, t[:, None], jax.lax.stop_gradient(theta), std)
