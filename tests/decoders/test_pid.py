@@ -349,8 +349,10 @@ def test_the_cascade_starts_as_the_pretrained_backbone(rng):
   widened = meta.unbox(task.widen_inputs(fresh, backbone, P))
   assert widened["patch_embed"]["kernel"].shape == (P * P * 6, 16)
   got = plain.apply({"params": {"backbone": widened}}, x, t, image_cond=cond)
-  np.testing.assert_allclose(got, plain.apply({"params": {"backbone": backbone}}, x, t),
-                             rtol=1e-5, atol=1e-6)
+  want = plain.apply({"params": {"backbone": backbone}}, x, t)
+  # The extra products are exact zeros, but a dot over 6 input channels sums in another order than
+  # over 3: float32 rounding, carried through the blocks, of order eps x the output's size.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
   other = random_params(pid.PiD(_backbone(depth=1, width=24, num_heads=2), None), rng, x, t)["backbone"]
   with pytest.raises(ValueError, match="different architecture"):
     task.widen_inputs(fresh, other, P)
