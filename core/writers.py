@@ -157,3 +157,12 @@ def save_image_grid(images_BxHxWxC: np.ndarray, path: str, **grid_kwargs) -> np.
   grid = image_grid(images_BxHxWxC, **grid_kwargs)
   save_image(grid, path)
   return grid
+
+
+def save_sample(picture_HxWxC: np.ndarray, workdir: str, step: int) -> None:
+  """A sample hook's picture as workdir/samples/step_<step>.png, written atomically by process 0."""
+  import jax
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    replace_atomically(out, lambda p: save_image(picture_HxWxC, p))

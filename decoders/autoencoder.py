@@ -15,7 +15,6 @@ diffusion's scale_factor) normalises latents for the flow model that samples the
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -179,12 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     value, terms = losses(model, params, batch["image"], key, config)
     return value, terms, carry
 
-  def train_data(process_index, process_count):
-    source = data.load_in_memory(dc.name, "train", config=dc.config)
-    return data.BatchIterator(
-        source, global_batch_size=int(config.train.global_batch_size), seed=config.seed,
-        process_index=process_index, process_count=process_count,
-        transform=lambda ex, rng: {"image": data.to_float(data.random_flip(ex, rng), rng)["image"]})
+  train_data = lambda pi, pc: data.flipped_images(config, dc, pi, pc)
 
   eval_images = data.to_float(
       {"image": data.load_in_memory(dc.name, dc.eval_split, config=dc.config).arrays["image"]
@@ -210,10 +204,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     recon = np.asarray(run(params, eval_images[:chunk])[0])[:n]
     grid = writers.image_grid(np.concatenate([eval_images[:n], recon]), ncol=n,
                               scale=max(1, -(-64 // size)))
-    if jax.process_index() == 0:
-      out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-      os.makedirs(os.path.dirname(out), exist_ok=True)
-      writers.replace_atomically(out, lambda p: writers.save_image(grid, p))
+    writers.save_sample(grid, workdir, step)
     return {"grid": grid}
 
   return train.Task(init_params=init_params, loss=loss, train_data=train_data, evaluate=evaluate,

@@ -222,12 +222,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
                                   encoder)
     return value, terms, {"iteration": carry["iteration"] + 1}
 
-  def train_data(process_index, process_count):
-    source = data.load_in_memory(data_c.name, "train", config=data_c.config)
-    return data.BatchIterator(
-        source, global_batch_size=int(config.train.global_batch_size), seed=config.seed,
-        process_index=process_index, process_count=process_count,
-        transform=lambda ex, rng: {"image": data.to_float(data.random_flip(ex, rng), rng)["image"]})
+  train_data = lambda pi, pc: data.flipped_images(config, data_c, pi, pc)
 
   eval_hr = data.to_float({"image": data.load_in_memory(data_c.name, data_c.eval_split, config=data_c.config)
                            .arrays["image"][:int(config.eval_size)]}, None)["image"]
@@ -248,10 +243,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     n = min(8, len(eval_hr))
     picture = writers.image_grid(np.concatenate([np.asarray(eval_decode(params))[:n], eval_hr[:n]]),
                                  ncol=n)
-    if jax.process_index() == 0:
-      out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-      os.makedirs(os.path.dirname(out), exist_ok=True)
-      writers.replace_atomically(out, lambda p: writers.save_image(picture, p))
+    writers.save_sample(picture, workdir, step)
     return {"grid": picture}
 
   return train.Task(init_params=init_params, loss=loss, train_data=train_data, evaluate=evaluate,

@@ -17,3 +17,13 @@ from core.data.transforms import compose
 from core.data.transforms import random_flip
 from core.data.transforms import to_float
 from core.data.two_d import sample_two_d
+
+
+def flipped_images(config, data_config, process_index: int, process_count: int) -> BatchIterator:
+  """This process's batches {"image": float32 [B, H, W, C] in [-1, 1]} of data_config's train split,
+  each image mirrored with probability 1/2 (the image tasks' train_data: decoders/)."""
+  return BatchIterator(
+      load_in_memory(data_config.name, "train", config=data_config.config),
+      global_batch_size=int(config.train.global_batch_size), seed=config.seed,
+      process_index=process_index, process_count=process_count,
+      transform=lambda ex, rng: {"image": to_float(random_flip(ex, rng), rng)["image"]})
