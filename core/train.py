@@ -526,8 +526,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
 
   Every `train.log_every` steps (and at the end) one metrics row holds the means of the step metrics
   over the steps since the previous row ("train/loss", ...), the console prints the same means, and
-  "train_seconds" (wall-clock spent training, evaluation and sampling excluded, summed over resumed
-  runs) goes with every row. Raises ConfigError (nothing written) when the config fails
+  "train_seconds" (wall-clock spent training, evaluation, sampling and saving excluded, summed over
+  resumed runs) goes with every row. Raises ConfigError (nothing written) when the config fails
   `check_config`, differs from the workdir's, or the task refuses it; NonFiniteError when a
   loss/gradient becomes NaN/Inf (nothing after the last good checkpoint is saved). On SIGTERM or
   SIGINT a checkpoint is saved and SystemExit(143 or 130) is raised; a second SIGINT raises
@@ -617,7 +617,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
       pending = (step, metrics)
       if every(tc.checkpoint_every, step) or step == num_steps or stop.received:
         settle()
+        t = time.perf_counter()
         ckpt.save(state, data.get_state(), {"train_seconds": train_seconds()})
+        # Saving is not training: a resumed run starts from exactly the value saved here, so its clock
+        # never runs behind the rows this process still writes after the save.
+        clock["paused"] += time.perf_counter() - t
       if stop.received:
         ckpt.wait()
         writers.log(f"{stop.name}: saved checkpoint at step {step} in {ckpt.directory}; exiting")

@@ -49,7 +49,7 @@ def get_config(arg: str = "cpu"):
       "adapter": {"hidden": 64, "num_res_blocks": 4, "num_groups": 4, "gate_kind": "token",
                   "gate_impl": "auto", "padding": "replicate", "inject_every": 2},
   })
-  c.train.update({"num_steps": 1500, "global_batch_size": 8, "log_every": 100, "eval_every": 1000,
+  c.train.update({"num_steps": 1000, "global_batch_size": 8, "log_every": 100, "eval_every": 1000,
                   "sample_every": 1000, "checkpoint_every": 500})
   # The paper trains the adapter with AdamW 5e-5, clip 0.1, EMA; at our scale from scratch a larger lr.
   c.optim.update({"lr": 3e-4, "warmup_steps": 100, "grad_clip_norm": 1.0, "ema_decay": 0.999})

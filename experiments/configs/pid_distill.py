@@ -24,7 +24,7 @@ def get_config(arg: str = "cpu"):
       "gan_block": min(7, c.model.depth - 1), "r1_weight": 200.0, "r1_sigma": 0.01,
   }
   # Released: lr 1e-5 for student and fake score, 3000 iterations (the student steps on 1 in 6).
-  c.train.update({"num_steps": 1200, "eval_every": 600, "sample_every": 600, "checkpoint_every": 300})
+  c.train.update({"num_steps": 600, "eval_every": 600, "sample_every": 600, "checkpoint_every": 300})
   c.optim.update({"lr": 1e-5 if preset == "paper" else 5e-5, "warmup_steps": 0, "ema_decay": 0.0})
   if preset == "smoke":
     c.train.update({"num_steps": 6, "eval_every": 6, "sample_every": 6, "checkpoint_every": 6})

@@ -259,14 +259,20 @@ def test_loss_terms_compose_as_documented(rng, key):
   params = random_params(model, rng, x, t, z, sigma, scale=0.2)
   enc = _PoolEncoder()
   hr = jnp.clip(x, -1, 1)
-  # Eager: on these tiny shapes op-by-op dispatch beats compiling each function.
-  dropped, terms = task.pid_losses(model, params, hr, key, _loss_config(drop_prob=1.0), enc)
-  alone, _ = task.pid_losses(plain, _split(params), hr, key, _loss_config("pretrain"), None)
+  dropped_cfg, alone_cfg, kept_cfg = (_loss_config(drop_prob=1.0), _loss_config("pretrain"),
+                                      _loss_config(drop_prob=0.0))
+
+  @jax.jit        # one compilation for the three computations (eagerly they take twice as long)
+  def losses_and_grads(params):
+    dropped, terms = task.pid_losses(model, params, hr, key, dropped_cfg, enc)
+    alone, _ = task.pid_losses(plain, _split(params), hr, key, alone_cfg, None)
+    grads = jax.grad(lambda p: task.pid_losses(model, p, hr, key, kept_cfg, enc)[0])(params)
+    return dropped, terms, alone, grads
+
+  dropped, terms, alone, grads = losses_and_grads(params)
   np.testing.assert_allclose(terms["flow"], alone, rtol=1e-6)
   np.testing.assert_allclose(dropped, terms["flow"] + 0.8 * terms["colour"], rtol=1e-6)
   assert float(terms["colour"]) > 0
-  grads = jax.grad(lambda p: task.pid_losses(model, p, hr, key, _loss_config(drop_prob=0.0), enc)[0])(
-      params)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["backbone"]))
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["adapter"])) > 0
 
