@@ -27,7 +27,7 @@ import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import data, flow, flow_task, metrics, train, writers
 from decoders import distill, latent_flow, task as pid_task
 from experiments import plots
-from experiments.configs import pid as pid_config, pid_distill, pid_latent
+from experiments.configs import pid as pid_config, pid_autoencoder, pid_distill, pid_latent
 from experiments.training import table_parser, train_timed
 
 # Per preset: scales, eval crops, the teacher's and the cascade's Euler steps, the latent sampler's
@@ -242,9 +242,11 @@ def markdown(result: dict) -> str:
     lines.append(f"| {r['sigma_exit']:.1f} | {r['decoder']} | {r['latent_nfe']} | {r['latent_nfe_saved']} "
                  f"| {r['psnr_vs_full']:.2f} | {r['ssim_vs_full']:.3f} | {_fmt(r['niqe'])} |")
   lines += ["", "![crops](pid_crops.png)", "", "## Training", "",
-            "| run | steps | batch | train s |", "|---|---:|---:|---:|"]
+            "| run | steps | batch | train s | its last evaluation (EMA params) |",
+            "|---|---:|---:|---:|---|"]
   for name, t in result["trained"].items():
-    lines.append(f"| {name} | {t['steps']} | {t['batch']} | {t['seconds']:.0f} |")
+    evals = ", ".join(f"{k[5:]} {v:.3g}" for k, v in t["final_eval"].items() if not k.endswith("_std"))
+    lines.append(f"| {name} | {t['steps']} | {t['batch']} | {t['seconds']:.0f} | {evals} |")
   lines += ["", "## The paper's figures", ""] + [f"- {p}" for p in PAPER] + [""]
   return "\n".join(lines)
 
@@ -291,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     other = [{"method": "AE (f16c16) decode + bicubic",
               **quality(np.asarray(pid_task.decode_and_upsample(encoder, z, hr.shape[1:3])), hr, lr)},
              {"method": f"PiD teacher on f16c16 latents ({s['steps']} steps)", **quality(out, hr, lr)}]
+  # The runs the others were built on (trained by registry.prepare; reused here, only read).
+  built_on = {"autoencoder": pid_autoencoder.get_config(args.preset),
+              "backbone": pid_config.get_config(f"{args.preset},backbone")}
+  if s["f16c16"]:
+    built_on["autoencoder_f16c16"] = pid_autoencoder.get_config(f"{args.preset},f16c16")
+  for name, config in built_on.items():
+    trained[name] = train_timed(config, os.path.join(args.runs, run_name(name, args.preset)))
   seconds = time.perf_counter() - t0
   result = {"preset": args.preset, "settings": s, "seconds": seconds,
             "device": jax.devices()[0].device_kind, "hr_size": int(crops["hr"].shape[1]),
