@@ -3,9 +3,10 @@
   python -m experiments.tables.pid --preset cpu [--runs runs/tables] [--out results]
 
 Trains or reuses (experiments.training.train_timed) the runs under RUNS: the autoencoder
-pid_autoencoder_PRESET, the pretrained backbone pid_backbone_PRESET, the teachers pid_x4 / pid_x8, the
-cascades pid_cascade_x4 / _x8, the DMD2 students pid_dmd (GAN term) and pid_dmd_no_gan, the teacher on
-another latent space pid_f16c16_x4 (its autoencoder pid_autoencoder_f16c16) and the latent generator
+pid_autoencoder_PRESET, the pretrained backbone pid_backbone_PRESET, the teachers pid_x4 / pid_x8 (and,
+where they fine-tune the backbone, the paper's adapter-only recipe pid_adapter_x4), the cascades
+pid_cascade_x4 / _x8, the DMD2 students pid_dmd (GAN term) and pid_dmd_no_gan, the teacher on another
+latent space pid_f16c16_x4 (its autoencoder pid_autoencoder_f16c16) and the latent generator
 pid_latent (all _PRESET). On the eval photos' HR crops (their antialiased bicubic downsampling is the
 LR input, encoded by the autoencoder): PSNR / SSIM against the HR crop, colour error (CIEDE2000 of the
 output brought back to the LR size, against the LR input), NIQE, the decoder's NFE and its latency per
@@ -49,6 +50,12 @@ PAPER = [
     "A third-party comparison (compiled): PiD NIQE 3.50 at 211 ms; VAE + Real-ESRGAN 4.93 at 62 ms; "
     "VAE + SeedVR2-3B 4.05 at 1237 ms (design doc pid.md).",
 ]
+
+
+MODES = {"adapter": "the adapter alone on the frozen pretrained backbone, the paper's recipe",
+         "full": "the adapter and the pretrained backbone fine-tuned together: at this preset the "
+                 "adapter alone does not learn to steer the small backbone, see the adapter-only row "
+                 "and experiments/configs/pid.py"}
 
 
 def run_name(variant: str, preset: str) -> str:
@@ -104,6 +111,11 @@ class Decoders:
     self.config, self.scale = config, scale
     self.shift = pid_task.pixel_shift(config, pid_task.hr_size(config))
     self.grid = flow.time_grid(s["steps"], shift=self.shift)
+    self.adapter_only = None         # the paper's recipe, where the teachers fine-tune the backbone
+    if scale == 4 and s["extra_rows"] and config.pid.mode != "adapter":
+      path = os.path.join(runs, run_name("adapter_x4", preset))
+      trained["adapter_x4"] = train_timed(pid_config.get_config(f"{preset},adapter_x4"), path)
+      self.adapter_only = train.restore_params(path)[0]
     self.students = {}
     if scale == 4:
       for variant in s["dmd"]:
@@ -155,6 +167,9 @@ def scale_rows(dec: Decoders, preset: str) -> tuple[list[dict], dict]:
         jax.jit(lambda z, n: dec.pid(dec.teacher, z, n, 0.2)), steps)
     methods["PiD teacher (4 Euler steps)"] = (
         jax.jit(lambda z, n: dec.pid(dec.teacher, z, n, 0.0, four)), 4)
+  if dec.adapter_only is not None:
+    methods[f"PiD, adapter only on the frozen backbone ({steps} steps, sigma_lat 0)"] = (
+        jax.jit(lambda z, n: dec.pid(dec.adapter_only, z, n)), steps)
   for variant, params in dec.students.items():
     label = "with GAN term" if variant == "gan" else "without GAN term"
     methods[f"PiD student, DMD2 4 steps, {label}"] = (
@@ -220,7 +235,8 @@ def markdown(result: dict) -> str:
       "PSNR / SSIM against the HR crop (mean ± std over crops), colour error = CIEDE2000 of the output "
       "brought down to the LR size against the LR input, NIQE (BasicSR's, lower = more natural; '—' "
       "below 96 px), NFE of the decoder (the autoencoder decode not counted), latency per image "
-      f"(batch 1, minimum of {s['repeats']} runs after compiling, the latent given).", "",
+      f"(batch 1, minimum of {s['repeats']} runs after compiling, the latent given). The teachers "
+      f"were trained in `{result['teacher_mode']}` mode ({MODES[result['teacher_mode']]}).", "",
       "| scale | method | NFE | latency (ms) | PSNR (dB) | SSIM | colour error | NIQE |",
       "|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in result["rows"]:
@@ -303,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
   seconds = time.perf_counter() - t0
   result = {"preset": args.preset, "settings": s, "seconds": seconds,
             "device": jax.devices()[0].device_kind, "hr_size": int(crops["hr"].shape[1]),
+            "teacher_mode": str(pid_config.get_config(args.preset).pid.mode),
             "rows": rows, "early_exit": exits, "other_latent": other, "trained": trained}
   figure(crops, os.path.join(args.out, "pid_crops.png"))
   with open(os.path.join(args.out, "pid.json"), "w") as f:
