@@ -9,12 +9,14 @@ import tensorflow_datasets as tfds
 
 from core.data import digits
 from core.data import image_crops
+from core.data import image_folder
 from core.data import pipeline
 from core.data import tfds_util
 from core.data import two_d
 
 BUILDERS: dict[str, type[tfds_util.Builder]] = {
     'image_crops': image_crops.ImageCrops,
+    'image_folder': image_folder.ImageFolder,
     'digits': digits.Digits,
     'two_d': two_d.TwoD,
 }
@@ -65,21 +67,17 @@ def load(name: str, split: str, *, config: str | None = None,
   """Random-access source of `name/config` `split`, built into `data_dir` if missing.
 
   Args:
-    name: one of `BUILDERS` ('image_crops', 'digits', 'two_d').
+    name: one of `BUILDERS` ('image_crops', 'image_folder', 'digits', ...).
     split: a split of that dataset; tfds slicing such as 'train[:100]' works.
     config: a BuilderConfig name (e.g. 's32', 'r16', 'double_ring'); None means
-      the dataset's first config.
+      the dataset's first config; image_folder: 's<size>[x<n>]:<folder>'.
     data_dir: where datasets live; None means `default_data_dir()`.
 
   Returns:
     `tfds.data_source(...)`'s result: supports len(), `source[i]` and
     `source.__getitems__(indices)`, giving dicts of numpy arrays.
   """
-  configs = config_names(name)
-  config = configs[0] if config is None else config
-  if config not in configs:
-    raise ValueError(f'config of {name!r} must be one of {configs}, '
-                     f'got {config!r}')
+  config = _builder_config(name, config)
   data_dir = data_dir or default_data_dir()
   os.makedirs(data_dir, exist_ok=True)
   # tfds writes into a temporary folder and renames it, but a second process
@@ -89,10 +87,26 @@ def load(name: str, split: str, *, config: str | None = None,
     builder = tfds_util.make_builder(BUILDERS[name], config, data_dir)
     builder.download_and_prepare()
   splits = sorted(builder.info.splits)
+  config_name = builder.builder_config.name
   if split.split('[')[0] not in splits:
-    raise ValueError(f'split of {name}/{config} must be one of {splits}, '
+    raise ValueError(f'split of {name}/{config_name} must be one of {splits}, '
                      f'got {split!r}')
-  return tfds.data_source(f'{name}/{config}', split=split, data_dir=data_dir)
+  return tfds.data_source(f'{name}/{config_name}', split=split,
+                          data_dir=data_dir)
+
+
+def _builder_config(name: str, config: str | None):
+  """`config` checked against `name`'s configs: the name itself, or for a
+  builder with `config_from_name` (image_folder) the config it makes."""
+  configs = config_names(name)
+  parse = getattr(BUILDERS[name], 'config_from_name', None)
+  if parse is not None and config not in configs:
+    return parse(config)
+  config = configs[0] if config is None else config
+  if config not in configs:
+    raise ValueError(f'config of {name!r} must be one of {configs}, '
+                     f'got {config!r}')
+  return config
 
 
 def load_in_memory(name: str, split: str, *, config: str | None = None,
@@ -104,9 +118,9 @@ def load_in_memory(name: str, split: str, *, config: str | None = None,
   `<dataset dir>/<split>.npz` and every later call reads that file instead.
   """
   source = load(name, split, config=config, data_dir=data_dir)
-  config = config or config_names(name)[0]
   data_dir = data_dir or default_data_dir()
-  builder = tfds_util.make_builder(BUILDERS[name], config, data_dir)
+  builder = tfds_util.make_builder(BUILDERS[name], _builder_config(name, config),
+                                   data_dir)
   cache = os.path.join(builder.data_dir, f'{split}.npz')
   with _file_lock(os.path.join(data_dir, f'.{name}.lock')):
     if not os.path.exists(cache):
