@@ -37,7 +37,7 @@ def readable(ax, *, min_span: tuple[float, float] = (0.0, 0.0)) -> None:
 
 def save(fig, path: str, dpi: int = 120) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")   # long row labels would be clipped otherwise
 
 
 def sample_grid(images_NxHxWxC: np.ndarray, path: str, *, ncol: int, row_labels: list[str],

@@ -54,8 +54,8 @@ PAPER = [
 
 MODES = {"adapter": "the adapter alone on the frozen pretrained backbone, the paper's recipe",
          "full": "the adapter and the pretrained backbone fine-tuned together: at this preset the "
-                 "adapter alone does not learn to steer the small backbone, see the adapter-only row "
-                 "and experiments/configs/pid.py"}
+                 "adapter alone steers the small backbone less, see the adapter-only row and "
+                 "experiments/configs/pid.py"}
 
 
 def run_name(variant: str, preset: str) -> str:

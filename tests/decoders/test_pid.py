@@ -179,6 +179,52 @@ def test_pixel_block_matches_a_per_pixel_loop(rng):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _rope_np(x_NxHxD, angles_NxD2):
+  """Rotates the pairs (x_i, x_{i + D/2}) of every head by the angles (RoFormer, arXiv 2104.09864)."""
+  x1, x2 = np.split(x_NxHxD, 2, axis=-1)
+  cos, sin = np.cos(angles_NxD2)[:, None], np.sin(angles_NxD2)[:, None]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_joint_block_matches_a_numpy_mmdit_block(rng):
+  """One MMDiT block against numpy: each stream's adaLN-Zero, RMSNorm, q/k RMSNorm and SwiGLU, RoPE on
+  the image tokens only, and one softmax attention over caption + image tokens, so every token sees
+  every other (a block that attended only within its own token, or ignored RoPE, would fail)."""
+  n, m, d, heads = 6, 3, 16, 2
+  hd = d // heads
+  block = pid.JointBlock(num_heads=heads, mlp_hidden=24)
+  x, ctx, c = (rng.normal(size=s).astype(np.float32) for s in [(B, n, d), (B, m, d), (B, d)])
+  rope = rng.uniform(0, 6, size=(n, hd // 2)).astype(np.float32)
+  args = tuple(jnp.asarray(a) for a in (x, ctx, c, rope))
+  params = jax.tree.map(np.asarray, random_params(block, rng, *args, scale=0.3))
+  got_x, got_ctx = (np.asarray(a) for a in block.apply({"params": jax.tree.map(jnp.asarray, params)},
+                                                        *args))
+  silu = lambda u: u / (1 + np.exp(-u))
+  lin = lambda p, u: u @ p["kernel"] + p["bias"] if "bias" in p else u @ p["kernel"]
+  for b in range(B):
+    streams, qkv, mods = {"x": x[b], "ctx": ctx[b]}, {}, {}
+    for name, h in streams.items():
+      mods[name] = lin(params[f"{name}_adaln"]["linear"], silu(c[b])).reshape(6, d)
+      u = _rms(h) * (1 + mods[name][1]) + mods[name][0]
+      q, k, v = (a.reshape(-1, heads, hd) for a in np.split(lin(params[f"{name}_qkv"], u), 3, -1))
+      q = _rms(q) * params[f"{name}_q_norm"]["scale"]
+      k = _rms(k) * params[f"{name}_k_norm"]["scale"]
+      qkv[name] = (q, k, v)
+    q = np.concatenate([qkv["ctx"][0], _rope_np(qkv["x"][0], rope)])
+    k = np.concatenate([qkv["ctx"][1], _rope_np(qkv["x"][1], rope)])
+    v = np.concatenate([qkv["ctx"][2], qkv["x"][2]])
+    logits = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    o = np.einsum("hqk,khd->qhd", w / w.sum(-1, keepdims=True), v).reshape(m + n, d)
+    for name, o_s, got in (("ctx", o[:m], got_ctx), ("x", o[m:], got_x)):
+      mod, h = mods[name], streams[name]
+      h = h + mod[2] * lin(params[f"{name}_out"], o_s)
+      u = _rms(h) * (1 + mod[4]) + mod[3]
+      gate, up = np.split(lin(params[f"{name}_mlp"]["fc1"], u), 2, -1)
+      h = h + mod[5] * lin(params[f"{name}_mlp"]["fc2"], silu(gate) * up)
+      np.testing.assert_allclose(got[b], h, rtol=1e-4, atol=1e-4)
+
+
 def test_pixel_path_embedding_and_shapes(rng):
   bb = _backbone()
   x, t, _, _ = _inputs(rng)
