@@ -26,6 +26,8 @@ from kernels.linear_attention import linear_attention
 QKV_AXES = ("batch", "length", "heads", None)
 
 IMPLS = ("xla", "cudnn", "auto", "linear")
+# The denominator's eps of impl="linear": SANA's LiteLA uses 1e-8 (design doc sana_sr.md, "Corrections").
+LINEAR_EPS = 1e-8
 
 
 def _cudnn_unsupported(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str | None:
@@ -79,7 +81,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if impl == "linear":
     if mask is not None:
       raise ValueError("impl='linear' (ReLU linear attention) does not support a mask")
-    fn = functools.partial(linear_attention, impl=kernel_impl)
+    fn = functools.partial(linear_attention, eps=LINEAR_EPS, impl=kernel_impl)
     return sharding.shard_kernel(fn, (q, k, v), (QKV_AXES,) * 3, QKV_AXES)
   implementation = "xla"
   if impl != "xla":

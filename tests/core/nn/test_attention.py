@@ -116,7 +116,7 @@ def linear_attention_loop(q, k, v, eps=1e-6):
 def test_linear_is_relu_linear_attention(rng):
   q, k, v = _qkv(rng)
   np.testing.assert_allclose(dot_product_attention(q, k, v, impl="linear"),
-                             linear_attention_loop(q, k, v), rtol=1e-5, atol=1e-6)
+                             linear_attention_loop(q, k, v, eps=1e-8), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="mask"):
     dot_product_attention(q, k, v, impl="linear", mask=jnp.ones((8, 4), bool))
 
