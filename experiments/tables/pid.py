@@ -117,6 +117,7 @@ class Decoders:
       trained["adapter_x4"] = train_timed(pid_config.get_config(f"{preset},adapter_x4"), path)
       self.adapter_only = train.restore_params(path)[0]
     self.students = {}
+    self.student_cfg = float(pid_distill.get_config(preset).distill.teacher_cfg)
     if scale == 4:
       for variant in s["dmd"]:
         name = "dmd" if variant == "gan" else "dmd_no_gan"
@@ -127,9 +128,9 @@ class Decoders:
   def ae_bicubic(self, z, noise):
     return pid_task.decode_and_upsample(self.encoder, z, noise.shape[1:3])
 
-  def pid(self, params, z, noise, sigma=0.0, steps_grid=None):
+  def pid(self, params, z, noise, sigma=0.0, steps_grid=None, cfg=1.0):
     grid = self.grid if steps_grid is None else steps_grid
-    return pid_task.decode(self.model, params, z, sigma, noise, grid)
+    return pid_task.decode(self.model, params, z, sigma, noise, grid, cfg)
 
   def cascade_sr(self, z, noise):
     return pid_task.decode(self.cascade_model, self.cascade, None, 0.0, noise, self.grid,
@@ -170,6 +171,10 @@ def scale_rows(dec: Decoders, preset: str) -> tuple[list[dict], dict]:
   if dec.adapter_only is not None:
     methods[f"PiD, adapter only on the frozen backbone ({steps} steps, sigma_lat 0)"] = (
         jax.jit(lambda z, n: dec.pid(dec.adapter_only, z, n)), steps)
+  if s["extra_rows"] and dec.students and dec.student_cfg != 1.0:
+    # What the students distil: the teacher under the released recipe's CFG.
+    methods[f"PiD teacher ({steps} steps, CFG {dec.student_cfg:g}: the students' target)"] = (
+        jax.jit(lambda z, n: dec.pid(dec.teacher, z, n, cfg=dec.student_cfg)), steps)
   for variant, params in dec.students.items():
     label = "with GAN term" if variant == "gan" else "without GAN term"
     methods[f"PiD student, DMD2 4 steps, {label}"] = (
