@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
 
-from core import data, metrics, nn as cnn, registry, train, writers
+from core import data, latents, metrics, nn as cnn, registry, train, writers
 
 LOGVAR_RANGE = (-30.0, 20.0)     # latent diffusion's clamp: keeps exp(logvar) finite
 
@@ -211,29 +211,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
                     sample=sample)
 
 
-class Frozen:
+def Frozen(ae_workdir: str, num_steps: int, field: str) -> latents.FrozenAutoencoder:
   """A finished autoencoder run, frozen, as PiD and the latent flow model use it: `encode` maps images
-  [B, h, w, 3] in [-1, 1] to scaled latents [B, h/f, w/f, z], `decode` maps them back.
-
-  latent_scale is 1 / the std of the posterior means over the autoencoder's training crops (latent
-  diffusion's scale_factor), computed from the checkpoint, so every run that loads it agrees.
-  """
-
-  def __init__(self, ae_workdir: str, num_steps: int, field: str):
-    """ae_workdir: the run; num_steps: the steps it must have finished; field: the config field that
-    names it (for the error when it has not)."""
-    params, ae_config = train.restore_trained(ae_workdir, num_steps, "autoencoder", field)
-    self.model, self.params, self.config = build_model(ae_config), params, ae_config
-    self.factor = self.model.factor
-    crops = data.to_float({"image": data.load_in_memory(
-        ae_config.data.name, "train", config=ae_config.data.config).arrays["image"][:512]}, None)
-    mean = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="encode")[0])(
-        self.params, crops["image"])
-    self.latent_scale = float(1.0 / np.asarray(mean).std())
-
-  def encode(self, lr_Bxhxwx3: jax.Array) -> jax.Array:
-    mean, _ = self.model.apply({"params": self.params}, lr_Bxhxwx3, method="encode")
-    return mean * self.latent_scale
-
-  def decode(self, z: jax.Array) -> jax.Array:
-    return self.model.apply({"params": self.params}, z / self.latent_scale, method="decode")
+  [B, h, w, 3] in [-1, 1] to the posterior means scaled to unit variance [B, h/f, w/f, z], `decode`
+  maps them back (`core.latents`). ae_workdir: the run; num_steps: the steps it must have finished;
+  field: the config field that names it (for the error when it has not)."""
+  return latents.FrozenAutoencoder(
+      ae_workdir, num_steps, "autoencoder", field, build_model,
+      encode_fn=lambda m, p, x: m.apply({"params": p}, x, method="encode")[0],
+      decode_fn=lambda m, p, z: m.apply({"params": p}, z, method="decode"),
+      factor=lambda m: m.factor)

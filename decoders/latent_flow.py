@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from core import data, flow, flow_task, registry, train
+from core import flow, flow_task, latents, registry, train
 from decoders import autoencoder
 
 
@@ -49,25 +49,6 @@ def load_autoencoder(config: ml_collections.ConfigDict, workdir: str | None) -> 
                             f"config.latent.autoencoder_workdir={config.latent.autoencoder_workdir!r}")
 
 
-def encoded_sources(config: ml_collections.ConfigDict, frozen: autoencoder.Frozen) -> flow_task.Sources:
-  """split -> {"latent": float32 [N, h, w, z]} of the dataset's images (train: and their mirrors)."""
-  encode = jax.jit(frozen.encode)
-  cache = {}
-
-  def sources(split):
-    if split not in cache:
-      images = data.to_float({"image": data.load_in_memory(
-          config.data.name, split, config=config.data.config).arrays["image"]}, None)["image"]
-      if split == "train":
-        images = np.concatenate([images, images[:, :, ::-1]])
-      latents = np.concatenate([np.asarray(encode(images[i:i + 512]))
-                                for i in range(0, len(images), 512)])
-      cache[split] = data.InMemorySource(arrays={"latent": latents.astype(np.float32)})
-    return cache[split]
-
-  return sources
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.field != "latent" or config.data.get("random_flip", False):
     raise ValueError(f"config.data.field={config.data.field!r}, random_flip="
@@ -84,4 +65,5 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
 @registry.register("latent_flow", check=check_config, prepare=prepare)
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
   frozen = load_autoencoder(config, workdir)
-  return flow_task.make_task(config, encoded_sources(config, frozen), to_image=jax.jit(frozen.decode))
+  return flow_task.make_task(config, latents.encoded_sources(config.data, frozen.encode),
+                             to_image=jax.jit(frozen.decode))

@@ -103,6 +103,8 @@ class MultiHeadAttention(nn.Module):
       the logits bounded in wide models (SD3, arXiv 2403.03206 Sec. 5.3.2).
     impl, kernel_impl: attention implementation, see `dot_product_attention`.
     use_bias: biases in the four projections.
+    head_dim: the per-head width; default D / H. With it, q, k, v are H x head_dim wide whatever
+      D is (a model whose heads were pruned, `sr/prune.py`).
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   num_heads: int
@@ -111,6 +113,7 @@ class MultiHeadAttention(nn.Module):
   impl: str = "xla"
   kernel_impl: str = "auto"
   use_bias: bool = True
+  head_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -133,9 +136,10 @@ class MultiHeadAttention(nn.Module):
     Returns:
       [B, N, D], or ([B, N, D], (k, v)) with return_kv.
     """
-    d = x_BxNxD.shape[-1]
-    if d % self.num_heads:
-      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    width = x_BxNxD.shape[-1]
+    if self.head_dim is None and width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    d = width if self.head_dim is None else self.num_heads * self.head_dim    # q, k, v width
     if rope is not None and context_BxMxE is not None:
       raise ValueError("rope is for self-attention; cross-attention got both rope and a context")
     # In-projections split their outputs by head, the out-projection its inputs: with a model
@@ -166,5 +170,5 @@ class MultiHeadAttention(nn.Module):
     if kv_prefix is not None:
       k, v = (jnp.concatenate([p, a], axis=1) for p, a in zip(kv_prefix, own_kv))
     o = dot_product_attention(q, k, v, mask=mask, impl=self.impl, kernel_impl=self.kernel_impl)
-    out = dense(d, ("heads", "embed"), "out")(o.reshape(*o.shape[:-2], d))
+    out = dense(width, ("heads", "embed"), "out")(o.reshape(*o.shape[:-2], d))
     return (out, own_kv) if return_kv else out

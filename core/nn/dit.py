@@ -74,6 +74,8 @@ class DiTBlock(nn.Module):
     qk_norm: None | "layer" | "rms".
     norm: the (affine-free) block norm, "layer" | "rms".
     cross_attention: add the cross-attention sub-layer (then a context is required).
+    head_dim: self-attention's per-head width (default D / num_heads; set when heads were pruned).
+    mlp_hidden: the MLP's hidden width, overriding mlp_ratio x D (set when channels were pruned).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -83,6 +85,8 @@ class DiTBlock(nn.Module):
   qk_norm: str | None = None
   norm: str = "layer"
   cross_attention: bool = False
+  head_dim: int | None = None
+  mlp_hidden: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -106,8 +110,8 @@ class DiTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     adaln = AdaLN(6, self.modulation, name="adaln", **kw)
     shift1, scale1, gate1, shift2, scale2, gate2 = adaln(c, d)
-    attn = lambda name: MultiHeadAttention(self.num_heads, qk_norm=self.qk_norm,
-                                           impl=self.attn_impl, name=name, **kw)
+    attn = lambda name, heads=self.num_heads, head_dim=None: MultiHeadAttention(
+        heads, qk_norm=self.qk_norm, impl=self.attn_impl, head_dim=head_dim, name=name, **kw)
     norm = lambda name: make_norm(self.norm, affine=False, name=name, **kw)
 
     h = modulate(norm("norm1")(x_BxNxD), shift1, scale1)
@@ -116,11 +120,12 @@ class DiTBlock(nn.Module):
     if self.cross_attention != (context_BxMxE is not None):
       raise ValueError(f"cross_attention={self.cross_attention} but context_BxMxE is "
                        f"{'missing' if context_BxMxE is None else 'given'}")
-    x_BxNxD = x_BxNxD + gate1[:, None] * attn("attn")(h, rope=rope)
+    if self.num_heads:      # a block whose every head was pruned keeps only its MLP
+      x_BxNxD = x_BxNxD + gate1[:, None] * attn("attn", head_dim=self.head_dim)(h, rope=rope)
     if self.cross_attention:
       x_BxNxD = x_BxNxD + attn("cross_attn")(x_BxNxD, context_BxMxE, mask=context_mask)
     h = modulate(norm("norm2")(x_BxNxD), shift2, scale2)
-    hidden = int(self.mlp_ratio * d)
+    hidden = int(self.mlp_ratio * d) if self.mlp_hidden is None else self.mlp_hidden
     if self.mlp == "mixffn":
       if hw is None:
         raise ValueError("mlp='mixffn' needs the token grid hw=(h, w)")
@@ -174,6 +179,9 @@ class DiT(nn.Module):
     qk_norm: None | "layer" | "rms".
     norm: block norm, "layer" | "rms".
     cross_attention: blocks attend to context_BxMxE (e.g. text or low-resolution features).
+    block_heads, block_mlp_hidden: per-block self-attention heads (each of width D / num_heads)
+      and MLP hidden widths, for a structurally pruned model (`sr/prune.py`); None = num_heads and
+      mlp_ratio x D in every block. When given, their length is the depth.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   patch_size: int = 2
@@ -189,8 +197,14 @@ class DiT(nn.Module):
   qk_norm: str | None = None
   norm: str = "layer"
   cross_attention: bool = False
+  block_heads: tuple[int, ...] | None = None
+  block_mlp_hidden: tuple[int, ...] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  @property
+  def num_blocks(self) -> int:
+    return self.depth if self.block_heads is None else len(self.block_heads)
 
   # The pieces of __call__ are methods, for samplers that run them separately through
   # `model.apply(variables, ..., method=...)` (TeaCache, flowrl/cache); submodules are therefore
@@ -202,10 +216,21 @@ class DiT(nn.Module):
     self.cond = ConditionEmbedder(self.width, self.num_classes, **kw)
     if self.modulation == "adaln_single":
       self.t_block = nn.Dense(6 * self.width, **kw)
-    self.block = [DiTBlock(self.num_heads, mlp_ratio=self.mlp_ratio, mlp=self.mlp,
-                           modulation=self.modulation, attn_impl=self.attn_impl, qk_norm=self.qk_norm,
-                           norm=self.norm, cross_attention=self.cross_attention, **kw)
-                  for _ in range(self.depth)]   # named block_0, block_1, ...
+    pruned = self.block_heads is not None or self.block_mlp_hidden is not None
+    if pruned and (self.block_heads is None or self.block_mlp_hidden is None
+                   or len(self.block_heads) != len(self.block_mlp_hidden)):
+      raise ValueError(f"block_heads {self.block_heads} and block_mlp_hidden {self.block_mlp_hidden} "
+                       "must be given together, with one entry per block")
+    if pruned and self.cross_attention:
+      raise ValueError("a pruned DiT (block_heads) cannot have cross-attention: its heads are not pruned")
+    heads = self.block_heads or (self.num_heads,) * self.depth
+    hidden = self.block_mlp_hidden or (None,) * self.depth
+    head_dim = self.width // self.num_heads if pruned else None
+    self.block = [DiTBlock(h, mlp_ratio=self.mlp_ratio, mlp=self.mlp, modulation=self.modulation,
+                           attn_impl=self.attn_impl, qk_norm=self.qk_norm, norm=self.norm,
+                           cross_attention=self.cross_attention, head_dim=head_dim, mlp_hidden=m,
+                           **kw)
+                  for h, m in zip(heads, hidden)]   # named block_0, block_1, ...
     self.final = FinalLayer(modulation=self.modulation, norm=self.norm, **kw)
 
   def embed(self, x_BxHxWxC: jax.Array, t_B: jax.Array,

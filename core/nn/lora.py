@@ -9,7 +9,13 @@ Scale convention: scale = alpha / r (Sec. 4.1 of the paper); scale = 1 is alpha 
 so an adapted model starts equal to its base. `apply_with_lora` runs the unmerged forward
 x W + b + scale * (x A) B by intercepting nn.Dense / nn.DenseGeneral calls, so model code needs no
 changes; `merge` folds the factors into the kernels for inference and `unmerge` takes them out.
+
+Convolutions (`init_lora(..., convs=True)`): a kernel [kh, kw, in, out] is adapted as the Dense on
+its flattened receptive field, W + scale * reshape(A @ B) with A [kh kw in, r] (LoRA's Conv2d
+does the same). Those factors are used through `merge`, which is differentiable in them: train with
+`model.apply({"params": merge(params, lora_params)}, ...)`.
 """
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -22,10 +28,11 @@ from flax import traverse_util
 Path = tuple[str, ...]
 
 
-def _kernels(params: Any) -> dict[Path, jax.Array]:
-  """Module path -> 2-D `kernel` (the Dense layers; conv kernels have more axes)."""
+def _kernels(params: Any, convs: bool = False) -> dict[Path, jax.Array]:
+  """Module path -> `kernel`: the 2-D ones (Dense layers), and with convs the 4-D ones too."""
+  ndims = (2, 4) if convs else (2,)
   return {path[:-1]: w for path, w in traverse_util.flatten_dict(params).items()
-          if path[-1] == "kernel" and jnp.ndim(w) == 2}
+          if path[-1] == "kernel" and jnp.ndim(w) in ndims}
 
 
 def _factors(lora_params: Any) -> dict[Path, tuple[jax.Array, jax.Array]]:
@@ -38,7 +45,8 @@ def _factors(lora_params: Any) -> dict[Path, tuple[jax.Array, jax.Array]]:
   return {p: (flat[p + ("lora_a",)], flat[p + ("lora_b",)]) for p in paths}
 
 
-def init_lora(params: Any, patterns: str | Sequence[str], rank: int, key: jax.Array) -> dict:
+def init_lora(params: Any, patterns: str | Sequence[str], rank: int, key: jax.Array,
+              convs: bool = False) -> dict:
   """LoRA factors for every Dense kernel whose '/'-joined path matches a pattern.
 
   Args:
@@ -47,6 +55,7 @@ def init_lora(params: Any, patterns: str | Sequence[str], rank: int, key: jax.Ar
       kernels (nn.Dense, nn.DenseGeneral with one input and one output axis) are candidates.
     rank: r.
     key: PRNG key for A.
+    convs: also adapt 4-D conv kernels [kh, kw, in, out] (A is then [kh kw in, r]; use `merge`).
   Returns:
     {module path...: {"lora_a": A [in, r] ~ N(0, 1/in), "lora_b": B [r, out] = 0}} in the kernels'
     dtype.
@@ -56,7 +65,7 @@ def init_lora(params: Any, patterns: str | Sequence[str], rank: int, key: jax.Ar
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  kernels = _kernels(params)
+  kernels = _kernels(params, convs)
   names = {path: "/".join(path + ("kernel",)) for path in kernels}
   chosen = set()
   for pattern in patterns:
@@ -69,7 +78,7 @@ def init_lora(params: Any, patterns: str | Sequence[str], rank: int, key: jax.Ar
   lora = {}
   for k, path in zip(jax.random.split(key, len(chosen)), chosen):
     w = kernels[path]
-    d_in, d_out = w.shape
+    d_in, d_out = math.prod(w.shape[:-1]), w.shape[-1]
     lora[path + ("lora_a",)] = jax.random.normal(k, (d_in, rank), w.dtype) / jnp.sqrt(d_in)
     lora[path + ("lora_b",)] = jnp.zeros((rank, d_out), w.dtype)
   return traverse_util.unflatten_dict(lora)
@@ -122,7 +131,10 @@ def _add_product(params: Any, lora_params: Any, scale) -> dict:
     # HIGHEST: the default GPU precision (TF32) would make merged and unmerged forwards differ.
     ab = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
-    flat[name] = (w.astype(jnp.float32) + scale * ab).astype(w.dtype)
+    if ab.size != w.size or ab.shape[-1] != w.shape[-1]:
+      raise ValueError(f"LoRA factors for {'/'.join(path)} give a {ab.shape} update for its kernel "
+                       f"{w.shape}")
+    flat[name] = (w.astype(jnp.float32) + scale * ab.reshape(w.shape)).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
 
 

@@ -1,0 +1,68 @@
+"""A trained autoencoder, frozen, as the latent models built on it use it (PiD's KL autoencoder,
+SANA-SR's DC-AE); and the dataset of its latents that a latent flow model trains on.
+
+Latents are scaled to unit variance over the autoencoder's training crops (latent diffusion's
+scale_factor, arXiv 2112.10752 Sec. 4.3.2): `latent_scale` = 1 / the std of the encodings of the
+first 512 training crops, computed from the checkpoint, so every run that loads it agrees.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from core import data, train
+
+
+class FrozenAutoencoder:
+  """`encode`: images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, c]; `decode`: back.
+
+  Attributes: model, params, config (the autoencoder run's), factor f, latent_scale.
+  """
+
+  def __init__(self, workdir: str, num_steps: int, task: str, field: str,
+               build_model: Callable[[ml_collections.ConfigDict], object],
+               encode_fn: Callable, decode_fn: Callable, factor: Callable[[object], int]):
+    """workdir: the run; num_steps: the steps it must have finished; task: its task name; field: the
+    config field that names it (for the error when it has not); build_model: its network from its
+    config; encode_fn / decode_fn: (model, params, x) -> unscaled latent / image; factor: model ->
+    pixels per latent cell."""
+    params, config = train.restore_trained(workdir, num_steps, task, field)
+    self.model, self.params, self.config = build_model(config), params, config
+    self.factor = int(factor(self.model))
+    self._encode = lambda p, x: encode_fn(self.model, p, x)
+    self._decode = lambda p, z: decode_fn(self.model, p, z)
+    crops = data.to_float({"image": data.load_in_memory(
+        config.data.name, "train", config=config.data.config).arrays["image"][:512]}, None)
+    latents = jax.jit(self._encode)(self.params, crops["image"])
+    self.latent_scale = float(1.0 / np.asarray(latents).std())
+
+  def encode(self, x_BxHxWx3: jax.Array, params=None) -> jax.Array:
+    """Scaled latents; `params` replaces the frozen ones (e.g. with LoRA merged in)."""
+    return self._encode(self.params if params is None else params, x_BxHxWx3) * self.latent_scale
+
+  def decode(self, z: jax.Array, params=None) -> jax.Array:
+    return self._decode(self.params if params is None else params, z / self.latent_scale)
+
+
+def encoded_sources(data_config: ml_collections.ConfigDict, encode: Callable) -> Callable:
+  """split -> data.InMemorySource {"latent": float32 [N, h, w, c]} of the dataset's images encoded by
+  `encode` (jitted here; chunks of 512); the train split holds each image and its mirror image (a
+  flip of the image, not of the latent)."""
+  encode = jax.jit(encode)
+  cache = {}
+
+  def sources(split):
+    if split not in cache:
+      images = data.to_float({"image": data.load_in_memory(
+          data_config.name, split, config=data_config.config).arrays["image"]}, None)["image"]
+      if split == "train":
+        images = np.concatenate([images, images[:, :, ::-1]])
+      latents = np.concatenate([np.asarray(encode(images[i:i + 512]))
+                                for i in range(0, len(images), 512)])
+      cache[split] = data.InMemorySource(arrays={"latent": latents.astype(np.float32)})
+    return cache[split]
+
+  return sources
