@@ -225,3 +225,19 @@ def drop_labels(key: jax.Array, labels: jax.Array, drop_prob: float, null_id: in
   """
   drop = jax.random.bernoulli(key, drop_prob, labels.shape)
   return jnp.where(drop, jnp.asarray(null_id, labels.dtype), labels)
+
+
+def dm_gradient(x0: jax.Array, x0_real: jax.Array, x0_fake: jax.Array) -> jax.Array:
+  """Distribution matching's generator gradient (DMD2, arXiv 2405.14867 Eq. 2; OSEDiff's VSD, arXiv
+  2406.08177 Eq. 7): (x0_fake - x0_real) / mean|x0 - x0_real| per example, computed in float64
+  where JAX has it (jax_enable_x64; float32 otherwise) with NaN/inf zeroed; in x0's dtype [B, ...]."""
+  wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  x0w, real, fake = (a.astype(wide) for a in (x0, x0_real, x0_fake))
+  norm = jnp.abs(x0w - real).reshape(x0.shape[0], -1).mean(axis=1)
+  grad = (fake - real) / norm.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).astype(x0.dtype)
+
+
+def dm_loss(x0: jax.Array, grad: jax.Array) -> jax.Array:
+  """1/2 mean (x0 - stop_gradient(x0 - grad))^2: its gradient w.r.t. x0 is grad / x0.size."""
+  return 0.5 * jnp.mean((x0 - jax.lax.stop_gradient(x0 - grad)) ** 2)

@@ -23,12 +23,13 @@ def build_model(config: ml_collections.ConfigDict):
   if mc.kind == "mlp":
     return nn.FlowMLP(width=mc.width, depth=mc.depth, num_classes=mc.num_classes, dtype=dtype)
   if mc.kind == "dit":
-    # Optional fields: a structurally pruned model's per-block sizes (sr/prune.py).
+    # Optional fields: the output's channels, a structurally pruned model's per-block sizes (sr/).
     per_block = lambda field: None if mc.get(field) is None else tuple(int(v) for v in mc[field])
     return nn.DiT(patch_size=mc.patch_size, width=mc.width, depth=mc.depth, num_heads=mc.num_heads,
                   mlp_ratio=mc.mlp_ratio, num_classes=mc.num_classes, pos_embed=mc.pos_embed,
                   modulation=mc.modulation, mlp=mc.mlp, attn_impl=mc.attention, dtype=dtype,
-                  block_heads=per_block("block_heads"), block_mlp_hidden=per_block("block_mlp_hidden"))
+                  out_channels=mc.get("out_channels"), block_heads=per_block("block_heads"),
+                  block_mlp_hidden=per_block("block_mlp_hidden"))
   raise ValueError(f"config.model.kind={mc.kind!r}; expected one of ['dit', 'mlp']")
 
 

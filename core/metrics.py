@@ -78,7 +78,9 @@ def psnr(a: jax.Array, b: jax.Array, *, data_range: float, channel: str = "rgb")
 def _box_mean_valid(x_BxHxWxC: jax.Array, win_size: int) -> jax.Array:
   """Mean over every win_size x win_size window that lies inside the image: [B, H-w+1, W-w+1, C]."""
   window = (1, win_size, win_size, 1)
-  total = jax.lax.reduce_window(x_BxHxWxC, jnp.zeros((), x_BxHxWxC.dtype), jax.lax.add, window,
+  # A concrete (numpy) zero makes this reduce_window_sum, which JAX can differentiate under jit
+  # (SSIM as a training loss); a traced jnp zero would give the generic, non-differentiable op.
+  total = jax.lax.reduce_window(x_BxHxWxC, np.zeros((), x_BxHxWxC.dtype), jax.lax.add, window,
                                 (1, 1, 1, 1), "VALID")
   return total / win_size ** 2
 

@@ -6,3 +6,6 @@ from decoders import autoencoder  # noqa: F401
 from decoders import task as pid_task  # noqa: F401
 from decoders import latent_flow  # noqa: F401
 from decoders import distill  # noqa: F401
+from sr import autoencoding  # noqa: F401
+from sr import prior  # noqa: F401
+from sr import onestep  # noqa: F401

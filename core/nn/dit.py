@@ -161,7 +161,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-  """(x_BxHxWxC, t_B in [0, 1], y_B or None) -> velocity [B, H, W, C].
+  """(x_BxHxWxC, t_B in [0, 1], y_B or None) -> velocity [B, H, W, C (or out_channels)].
 
   Attributes:
     patch_size: p; H and W must be multiples of it.
@@ -179,6 +179,8 @@ class DiT(nn.Module):
     qk_norm: None | "layer" | "rms".
     norm: block norm, "layer" | "rms".
     cross_attention: blocks attend to context_BxMxE (e.g. text or low-resolution features).
+    out_channels: the velocity's channels; default C, the input's (set when the input carries a
+      condition concatenated to x_t, e.g. SANA-SR's multi-step baseline).
     block_heads, block_mlp_hidden: per-block self-attention heads (each of width D / num_heads)
       and MLP hidden widths, for a structurally pruned model (`sr/prune.py`); None = num_heads and
       mlp_ratio x D in every block. When given, their length is the depth.
@@ -197,6 +199,7 @@ class DiT(nn.Module):
   qk_norm: str | None = None
   norm: str = "layer"
   cross_attention: bool = False
+  out_channels: int | None = None
   block_heads: tuple[int, ...] | None = None
   block_mlp_hidden: tuple[int, ...] | None = None
   dtype: Dtype = jnp.float32
@@ -284,4 +287,5 @@ class DiT(nn.Module):
     hw = (x_BxHxWxC.shape[1] // self.patch_size, x_BxHxWxC.shape[2] // self.patch_size)
     tokens, c_BxD = self.embed(x_BxHxWxC, t_B, y_B)
     tokens = self.blocks(tokens, c_BxD, hw, context_BxMxE=context_BxMxE, context_mask=context_mask)
-    return self.head(tokens, c_BxD, x_BxHxWxC.shape[1:]).astype(x_BxHxWxC.dtype)
+    shape = (*x_BxHxWxC.shape[1:3], self.out_channels or x_BxHxWxC.shape[-1])
+    return self.head(tokens, c_BxD, shape).astype(x_BxHxWxC.dtype)
