@@ -42,21 +42,6 @@ def is_student_step(n) -> jax.Array:
   return n % GEN_PERIOD == GEN_PERIOD - 1
 
 
-def dmd_gradient(x0: jax.Array, x0_real: jax.Array, x0_fake: jax.Array) -> jax.Array:
-  """(x0_fake - x0_real) / mean|x0 - x0_real| per example, computed in float64 where JAX has it
-  (jax_enable_x64; float32 otherwise) with NaN/inf zeroed; returned in x0's dtype [B, ...]."""
-  wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-  x0w, real, fake = (a.astype(wide) for a in (x0, x0_real, x0_fake))
-  norm = jnp.abs(x0w - real).reshape(x0.shape[0], -1).mean(axis=1)
-  grad = (fake - real) / norm.reshape((-1,) + (1,) * (x0.ndim - 1))
-  return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).astype(x0.dtype)
-
-
-def dmd_loss(x0: jax.Array, grad: jax.Array) -> jax.Array:
-  """1/2 mean (x0 - stop_gradient(x0 - grad))^2: its gradient w.r.t. x0 is grad / x0.size."""
-  return 0.5 * jnp.mean((x0 - jax.lax.stop_gradient(x0 - grad)) ** 2)
-
-
 def perturbation_time(key: jax.Array, batch: int) -> jax.Array:
   """t' ~ logit-normal(0, 1) clamped to [0.02, 0.99] (the released recipe): [batch]."""
   return jnp.clip(flow.sample_time(key, batch, kind="logit_normal"), 0.02, 0.99)
@@ -136,7 +121,7 @@ def distill_losses(model, head: GanHead, params, hr: jax.Array, key: jax.Array, 
     x_t = renoise(x0, t, keys[5])
     real = jax.lax.stop_gradient(teacher_x0(x_t, t))
     fake = jax.lax.stop_gradient(x0_of(frozen("fake"), x_t, t))
-    dm = dmd_loss(x0, dmd_gradient(x0, real, fake))
+    dm = flow.dm_loss(x0, flow.dm_gradient(x0, real, fake))
     if not use_gan:
       return dm, {"dm": dm}
     gan = jnp.mean(jax.nn.softplus(-logits(frozen("head"), x_t, t)))

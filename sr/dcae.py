@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
-from core.nn.conv import Upsample
+from core.nn.conv import GroupedConv, Upsample
 from core.nn.mlp import MixFFN
 from kernels.linear_attention import linear_attention
 
@@ -118,8 +118,9 @@ class LiteMLA(nn.Module):
     qkv = _conv(3 * c, 1, bias=False, name="qkv", **kw)(x)
     branches = [qkv]
     for s in self.scales:
-      agg = _conv(3 * c, s, groups=3 * c, bias=False, name=f"aggreg_{s}_dw", **kw)(qkv)
-      branches.append(_conv(3 * c, 1, groups=3 * heads, bias=False, name=f"aggreg_{s}_pw", **kw)(agg))
+      agg = GroupedConv(3 * c, s, groups=3 * c, use_bias=False, name=f"aggreg_{s}_dw", **kw)(qkv)
+      branches.append(GroupedConv(3 * c, 1, groups=3 * heads, use_bias=False, name=f"aggreg_{s}_pw",
+                                  **kw)(agg))
     qkv = jnp.concatenate(branches, -1).reshape(b, h * w, -1, 3, self.head_dim)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]            # [B, N, heads', dim]
     o = linear_attention(q, k, v, eps=self.eps, impl=self.kernel_impl).reshape(b, h, w, -1)

@@ -57,10 +57,6 @@ def run_path(config: ml_collections.ConfigDict, workdir: str | None, field: str)
   return os.path.normpath(os.path.join(workdir or os.curdir, os.path.expanduser(config.sr[field])))
 
 
-def hr_size(config: ml_collections.ConfigDict) -> int:
-  return int(str(config.data.config).lstrip("s"))
-
-
 @dataclasses.dataclass
 class SR:
   """A SANA-SR model of one mode: what its parameters mean and how they map LR to SR images.
@@ -201,9 +197,10 @@ def degraded_pairs(config: ml_collections.ConfigDict, process_index: int, proces
 
 
 def eval_pairs(config: ml_collections.ConfigDict, n: int | None = None) -> dict[str, np.ndarray]:
-  """The first n held-out HR crops {"hr": original, "lr": degraded with config.eval_seed} in [-1, 1]."""
+  """The first n held-out HR crops of config.data.eval_config {"hr": original, "lr": degraded with
+  config.eval_seed} in [-1, 1]."""
   dc = config.data
-  hr = data.load_in_memory(dc.name, dc.eval_split, config=dc.config).arrays["image"]
+  hr = data.load_in_memory(dc.name, dc.eval_split, config=dc.eval_config).arrays["image"]
   hr = hr[:int(config.eval_size) if n is None else n]
   pairs = degrade.degrade_batch(hr, int(config.eval_seed), int(config.sr.scale),
                                 DEGRADATIONS[config.sr.degradation])
@@ -339,11 +336,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   registry.check_choices(config, {"sr.mode": MODES, "sr.degradation": tuple(DEGRADATIONS)})
   autoencoding.check_config(config.dcae)
   flow_task.check_config(config.prior)
-  size, scale = hr_size(config), int(sc.scale)
-  factor = 2 ** (len(config.dcae.model.widths) - 1)
-  if scale < 1 or factor % scale or size % factor:
-    raise ValueError(f"config.sr.scale={scale} must divide the DC-AE factor {factor}, and HR crops of "
-                     f"{size} px (config.data.config) must be a multiple of it")
+  registry.check_choices(config, {"data.eval_config": tuple(data.config_names(config.data.name))})
+  scale, factor = int(sc.scale), 2 ** (len(config.dcae.model.widths) - 1)
+  if scale < 1 or factor % scale:
+    raise ValueError(f"config.sr.scale={scale} must divide the DC-AE factor {factor}")
+  for field in ("config", "eval_config"):
+    size = int(str(config.data[field]).lstrip("s"))
+    if size % factor:
+      raise ValueError(f"config.data.{field}={config.data[field]!r}: HR crops of {size} px must be a "
+                       f"multiple of the DC-AE factor {factor}")
   if not 0.0 < float(sc.t_star) <= 1.0:
     raise ValueError(f"config.sr.t_star={sc.t_star}; expected a time in (0, 1]")
   if sc.mode == "multistep" and int(sc.sample_steps) < 1:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
+from core.nn.conv import GroupedConv
 from core.nn.partitioning import constrain, dense as named_dense
 
 # Up-projections split their outputs over "mlp", down-projections their inputs (opposite dims).
@@ -75,7 +76,7 @@ class MixFFN(nn.Module):
       raise ValueError(f"MixFFN: grid hw={hw} has {h * w} cells but x has {n} tokens")
     dense = functools.partial(named_dense, dtype=self.dtype, param_dtype=self.param_dtype)
     u = nn.silu(dense(2 * self.hidden, UP, name="fc1")(x_BxNxD)).reshape(b, h, w, 2 * self.hidden)
-    u = nn.Conv(2 * self.hidden, (3, 3), padding="SAME", feature_group_count=2 * self.hidden,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(u)
+    u = GroupedConv(2 * self.hidden, 3, groups=2 * self.hidden, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="dwconv")(u)
     a, gate = jnp.split(u.reshape(b, n, 2 * self.hidden), 2, axis=-1)
     return dense(self.out_features or d, DOWN, use_bias=False, name="fc2")(a * nn.silu(gate))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core import flow
 from decoders import distill
 
 
@@ -29,7 +30,7 @@ def test_dmd_update_moves_a_gaussian_student_toward_the_teacher(rng, key):
     x_t = distill.renoise(x0, t, k_n)
     real = _posterior_mean(x_t, t[:, None], mu, std)
     fake = _posterior_mean(x_t, t[:, None], jax.lax.stop_gradient(theta), std)
-    return distill.dmd_loss(x0, distill.dmd_gradient(x0, real, fake))
+    return flow.dm_loss(x0, flow.dm_gradient(x0, real, fake))
 
   grad = jax.jit(jax.grad(loss))
   first = float(grad(theta, key))
@@ -44,15 +45,15 @@ def test_dmd_gradient_is_normalised_and_finite(rng):
   real = rng.normal(size=x0.shape).astype(np.float32)
   fake = rng.normal(size=x0.shape).astype(np.float32)
   norm = np.abs(x0 - real).reshape(3, -1).mean(1)[:, None, None, None]
-  np.testing.assert_allclose(distill.dmd_gradient(jnp.asarray(x0), jnp.asarray(real), jnp.asarray(fake)),
+  np.testing.assert_allclose(flow.dm_gradient(jnp.asarray(x0), jnp.asarray(real), jnp.asarray(fake)),
                              (fake - real) / norm, rtol=1e-5, atol=1e-5)
   # x0 == x0_real: a zero normaliser gives 0, not NaN
-  same = distill.dmd_gradient(jnp.asarray(x0), jnp.asarray(x0), jnp.asarray(fake))
+  same = flow.dm_gradient(jnp.asarray(x0), jnp.asarray(x0), jnp.asarray(fake))
   assert np.all(np.asarray(same) == 0)
   # dL/dx0 = grad / size, up to the rounding of x0 - (x0 - grad) in float32
   g = jnp.asarray((fake - real) / norm)
   rounding = 4 * np.finfo(np.float32).eps * (np.abs(x0) + np.abs(np.asarray(g))) / x0.size
-  np.testing.assert_allclose(jax.grad(distill.dmd_loss)(jnp.asarray(x0), g), g / x0.size, rtol=1e-5,
+  np.testing.assert_allclose(jax.grad(flow.dm_loss)(jnp.asarray(x0), g), g / x0.size, rtol=1e-5,
                              atol=float(rounding.max()))
 
 
