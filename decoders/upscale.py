@@ -12,18 +12,16 @@ consistent. A bad flag or an unreadable file gets one line on stderr and exit st
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core import flow, train
+from core import flow, train, upscaling
 from decoders import distill, pid, task as pid_task
 
 
@@ -76,53 +74,6 @@ def load(workdir: str) -> Decoder:
                  shift=pid_task.pixel_shift(config, pid_task.hr_size(config)))
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-  """Start offsets of tiles of `tile` cells covering `size` cells with at least `overlap` shared."""
-  if size <= tile:
-    return [0]
-  n = math.ceil((size - overlap) / (tile - overlap))
-  return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def _ramp(length: int, overlap: int, start_open: bool, end_open: bool) -> np.ndarray:
-  """Blend weights [length]: linear ramps over `overlap` pixels at the tile's inner edges."""
-  w = np.ones(length, np.float32)
-  if overlap:
-    r = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
-    if start_open:
-      w[:overlap] = r
-    if end_open:
-      w[-overlap:] = np.minimum(w[-overlap:], r[::-1])
-  return w
-
-
-def tiled(fn: Callable, latent: np.ndarray, noise: np.ndarray, tile: int, overlap: int, k: int,
-          batch: int = 8, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-  """fn(latent tiles [n, t, t, c], noise tiles [n, t k, t k, 3]) -> [n, t k, t k, 3] over overlapping
-  tiles of `tile` latent cells (overlap cells shared), blended linearly: [1, h k, w k, 3].
-
-  latent: [1, h, w, c]; noise: [1, h k, w k, 3]; k: output pixels per latent cell.
-  """
-  _, h, w, _ = latent.shape
-  th, tw = min(tile, h), min(tile, w)
-  boxes = [(i, j) for i in tile_starts(h, th, overlap) for j in tile_starts(w, tw, overlap)]
-  out = np.zeros(noise.shape[1:], np.float64)
-  weight = np.zeros(noise.shape[1:3] + (1,), np.float64)
-  for first in range(0, len(boxes), batch):
-    chunk = boxes[first:first + batch]
-    lat = np.stack([latent[0, i:i + th, j:j + tw] for i, j in chunk])
-    nse = np.stack([noise[0, i * k:(i + th) * k, j * k:(j + tw) * k] for i, j in chunk])
-    for (i, j), y in zip(chunk, np.asarray(fn(lat, nse))):
-      wy = _ramp(th * k, overlap * k, i > 0, i + th < h)
-      wx = _ramp(tw * k, overlap * k, j > 0, j + tw < w)
-      wgt = (wy[:, None] * wx[None, :])[..., None]
-      out[i * k:(i + th) * k, j * k:(j + tw) * k] += wgt * y
-      weight[i * k:(i + th) * k, j * k:(j + tw) * k] += wgt
-    if progress:
-      progress(min(first + batch, len(boxes)), len(boxes))
-  return (out / weight)[None].astype(np.float32)
-
-
 def upscale(decoder: Decoder, image: np.ndarray, *, steps: int | None = None, sigma: float = 0.2,
             tile: int | None = None, seed: int = 0, progress=None) -> tuple[np.ndarray, bool]:
   """uint8 RGB [H, W, 3] -> (uint8 [H s, W s, 3], whether the input was padded)."""
@@ -143,23 +94,14 @@ def upscale(decoder: Decoder, image: np.ndarray, *, steps: int | None = None, si
                                                                   pw * decoder.scale, 3)))
   steps = steps or decoder.default_steps
   fn = jax.jit(lambda z, n: decoder.decode(z, jnp.full((z.shape[0],), sigma), n, steps))
-  y = tiled(fn, latent, noise, tile_cells, overlap, k, progress=progress)
+  y = upscaling.tiled(fn, [(latent, 1), (noise, k)], latent.shape[1:3], tile_cells, overlap, k,
+                        progress=progress)
   y = y[0, :h * decoder.scale, :w * decoder.scale]
   return np.clip(np.round((y + 1) * 127.5), 0, 255).astype(np.uint8), padded
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):          # one line, not argparse's usage block
-    _fail(f"{message} (see --help)")
-
-
 def main(argv: list[str] | None = None) -> None:
-  parser = _Parser(description=__doc__.splitlines()[0])
+  parser = upscaling.Parser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="a finished pid or pid_distill run")
   parser.add_argument("--input", required=True, help="the image to upscale (any format Pillow reads)")
   parser.add_argument("--output", required=True, help="where to write the result (PNG by extension)")
@@ -171,24 +113,24 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   if not 0.0 <= args.sigma < 1.0:
-    _fail(f"--sigma must be in [0, 1), got {args.sigma}")
+    upscaling.fail(f"--sigma must be in [0, 1), got {args.sigma}")
   if args.steps is not None and args.steps < 1:
-    _fail(f"--steps must be >= 1, got {args.steps}")
+    upscaling.fail(f"--steps must be >= 1, got {args.steps}")
   from PIL import Image, UnidentifiedImageError
   try:
     image = np.asarray(Image.open(args.input).convert("RGB"))
   except (OSError, UnidentifiedImageError) as e:
-    _fail(f"cannot read --input {args.input}: {e}")
+    upscaling.fail(f"cannot read --input {args.input}: {e}")
   import experiments.tasks  # noqa: F401  (registers the tasks the run's config names)
   try:
     decoder = load(args.workdir)
   except (FileNotFoundError, ValueError) as e:
-    _fail(f"--workdir {args.workdir}: {e}")
+    upscaling.fail(f"--workdir {args.workdir}: {e}")
   if args.scale is not None and args.scale != decoder.scale:
-    _fail(f"--scale {args.scale}: this run decodes at {decoder.scale}x (train another run for "
+    upscaling.fail(f"--scale {args.scale}: this run decodes at {decoder.scale}x (train another run for "
           f"{args.scale}x)")
   if decoder.student and args.steps not in (None, 4):
-    _fail(f"--steps {args.steps}: the DMD2 student samples its fixed 4-step schedule")
+    upscaling.fail(f"--steps {args.steps}: the DMD2 student samples its fixed 4-step schedule")
   out, padded = upscale(decoder, image, steps=args.steps, sigma=args.sigma, tile=args.tile,
                         seed=args.seed,
                         progress=lambda i, n: print(f"\rtiles {i}/{n}", end="", file=sys.stderr))
