@@ -22,29 +22,40 @@ class FrozenAutoencoder:
   Attributes: model, params, config (the autoencoder run's), factor f, latent_scale.
   """
 
-  def __init__(self, workdir: str, num_steps: int, task: str, field: str,
-               build_model: Callable[[ml_collections.ConfigDict], object],
-               encode_fn: Callable, decode_fn: Callable, factor: Callable[[object], int]):
+  def __init__(self, model, params, config, factor: int, latent_scale: float, encode_fn: Callable,
+               decode_fn: Callable):
+    """encode_fn / decode_fn: (model, params, x) -> unscaled latent / image. `from_run` loads a run."""
+    self.model, self.params, self.config = model, params, config
+    self.factor, self.latent_scale = int(factor), float(latent_scale)
+    self._encode_fn, self._decode_fn = encode_fn, decode_fn
+
+  @classmethod
+  def from_run(cls, workdir: str, num_steps: int, task: str, field: str,
+               build_model: Callable[[ml_collections.ConfigDict], object], encode_fn: Callable,
+               decode_fn: Callable, factor: Callable[[object], int]) -> "FrozenAutoencoder":
     """workdir: the run; num_steps: the steps it must have finished; task: its task name; field: the
     config field that names it (for the error when it has not); build_model: its network from its
-    config; encode_fn / decode_fn: (model, params, x) -> unscaled latent / image; factor: model ->
-    pixels per latent cell."""
+    config; factor: model -> pixels per latent cell. latent_scale is computed from the checkpoint."""
     params, config = train.restore_trained(workdir, num_steps, task, field)
-    self.model, self.params, self.config = build_model(config), params, config
-    self.factor = int(factor(self.model))
-    self._encode = lambda p, x: encode_fn(self.model, p, x)
-    self._decode = lambda p, z: decode_fn(self.model, p, z)
+    model = build_model(config)
     crops = data.to_float({"image": data.load_in_memory(
         config.data.name, "train", config=config.data.config).arrays["image"][:512]}, None)
-    latents = jax.jit(self._encode)(self.params, crops["image"])
-    self.latent_scale = float(1.0 / np.asarray(latents).std())
+    latents = jax.jit(lambda p, x: encode_fn(model, p, x))(params, crops["image"])
+    return cls(model, params, config, factor(model), 1.0 / np.asarray(latents).std(), encode_fn,
+               decode_fn)
+
+  def with_params(self, params) -> "FrozenAutoencoder":
+    """The same autoencoder with other parameters (e.g. traced ones, to count a pipeline's MACs)."""
+    return FrozenAutoencoder(self.model, params, self.config, self.factor, self.latent_scale,
+                             self._encode_fn, self._decode_fn)
 
   def encode(self, x_BxHxWx3: jax.Array, params=None) -> jax.Array:
     """Scaled latents; `params` replaces the frozen ones (e.g. with LoRA merged in)."""
-    return self._encode(self.params if params is None else params, x_BxHxWx3) * self.latent_scale
+    p = self.params if params is None else params
+    return self._encode_fn(self.model, p, x_BxHxWx3) * self.latent_scale
 
   def decode(self, z: jax.Array, params=None) -> jax.Array:
-    return self._decode(self.params if params is None else params, z / self.latent_scale)
+    return self._decode_fn(self.model, self.params if params is None else params, z / self.latent_scale)
 
 
 def encoded_sources(data_config: ml_collections.ConfigDict, encode: Callable) -> Callable:

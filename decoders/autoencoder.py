@@ -216,7 +216,7 @@ def Frozen(ae_workdir: str, num_steps: int, field: str) -> latents.FrozenAutoenc
   [B, h, w, 3] in [-1, 1] to the posterior means scaled to unit variance [B, h/f, w/f, z], `decode`
   maps them back (`core.latents`). ae_workdir: the run; num_steps: the steps it must have finished;
   field: the config field that names it (for the error when it has not)."""
-  return latents.FrozenAutoencoder(
+  return latents.FrozenAutoencoder.from_run(
       ae_workdir, num_steps, "autoencoder", field, build_model,
       encode_fn=lambda m, p, x: m.apply({"params": p}, x, method="encode")[0],
       decode_fn=lambda m, p, z: m.apply({"params": p}, z, method="decode"),

@@ -90,12 +90,22 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
                     evaluate=evaluate, sample=sample)
 
 
+def _encode(model, params, x):
+  return model.apply({"params": params}, x, method="encode")
+
+
+def _decode(model, params, z):
+  return model.apply({"params": params}, z, method="decode")
+
+
 def Frozen(workdir: str, num_steps: int, field: str) -> latents.FrozenAutoencoder:
   """A finished "dcae" run, frozen: `encode` images [B, H, W, 3] in [-1, 1] -> latents scaled to unit
-  variance [B, H/32, W/32, c] (`core.latents`), `decode` back. field names the config field that
+  variance [B, H/f, W/f, c] (`core.latents`), `decode` back. field names the config field that
   points at the run (for the error when it is missing or unfinished)."""
-  return latents.FrozenAutoencoder(
-      workdir, num_steps, "dcae", field, build_model,
-      encode_fn=lambda m, p, x: m.apply({"params": p}, x, method="encode"),
-      decode_fn=lambda m, p, z: m.apply({"params": p}, z, method="decode"),
-      factor=lambda m: m.spec.factor)
+  return latents.FrozenAutoencoder.from_run(workdir, num_steps, "dcae", field, build_model, _encode,
+                                            _decode, factor=lambda m: m.spec.factor)
+
+
+def untrained(model: dcae.DCAE, params=None, latent_scale: float = 1.0) -> latents.FrozenAutoencoder:
+  """A DC-AE that no run made (random or abstract params): for benchmarks and cost counts."""
+  return latents.FrozenAutoencoder(model, params, None, model.spec.factor, latent_scale, _encode, _decode)

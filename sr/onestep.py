@@ -126,10 +126,17 @@ class SR:
       z = self.one_step(params, z_lr)
     return self.decode(params, z)
 
+  def with_frozen(self, ae_params, base=None) -> "SR":
+    """This model with other frozen parameters (the DC-AE's; the prior's for onestep), e.g. traced
+    ones, so that `costs` can count a paper-sized model's MACs without materialising it."""
+    return dataclasses.replace(self, ae=self.ae.with_params(ae_params),
+                               base=self.base if base is None else base)
+
   def num_params(self, params) -> int:
-    """Parameters used at inference: the DiT's, the encoder's (or the projection) and the decoder's."""
+    """Parameters used at inference: the DiT's (LoRA merged), the encoder's (or the projection) and
+    the decoder's."""
     count = metrics.param_count
-    dit = count(self.dit_params(params))
+    dit = count(self.base if self.mode == "onestep" else params["dit"])
     if self.mode == "encoder_free":
       return dit + count(params["proj"]) + count(params["decoder"])
     return dit + count(self.ae.params)
@@ -413,3 +420,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
   return train.Task(init_params=init_params, loss=loss,
                     train_data=lambda pi, pc: degraded_pairs(config, pi, pc),
                     evaluate=evaluate, sample=sample, trainable=trainable)
+
+
+def costs(model: SR, params, lr_shape: tuple[int, ...], ae_params=None, base=None) -> dict:
+  """{"params": inference parameters, "macs": XLA's MAC count of model(params, LR)} for an LR batch of
+  lr_shape (the lowered HLO's cost analysis, `core.metrics.flops`). Params may be abstract
+  (jax.ShapeDtypeStruct trees, from jax.eval_shape), the frozen ones passed as ae_params / base."""
+  ae_params = model.ae.params if ae_params is None else ae_params
+  base = model.base if base is None else base
+  lr = jax.ShapeDtypeStruct(lr_shape, jnp.float32)
+  run = lambda frozen, p, x: model.with_frozen(*frozen)(p, x)
+  macs = metrics.flops(run, (ae_params, base), params, lr)["macs"]
+  return {"params": model.with_frozen(ae_params, base).num_params(params), "macs": macs}

@@ -157,4 +157,5 @@ def get_config(arg: str = "cpu"):
     c.train.update({"num_steps": 20000, "global_batch_size": 16, "compute_dtype": "bfloat16",
                     "eval_every": 2000, "sample_every": 2000, "checkpoint_every": 1000})
     c.optim.update({"lr": 5e-5, "warmup_steps": 500})
+    c.sr.decoder_width = 0.5625      # design doc: the SANA-1.0 decoder at 0.5625 width, 332 G MACs
   return c
