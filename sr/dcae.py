@@ -21,6 +21,7 @@ RMSNorm. The RMSNorm is over channels with a scale and a bias (the public code's
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import einops
 import jax
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
+from core import sharding
+from core.nn.attention import QKV_AXES
 from core.nn.conv import GroupedConv, Upsample
 from core.nn.mlp import MixFFN
 from kernels.linear_attention import linear_attention
@@ -123,7 +126,9 @@ class LiteMLA(nn.Module):
                                   **kw)(agg))
     qkv = jnp.concatenate(branches, -1).reshape(b, h * w, -1, 3, self.head_dim)
     q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]            # [B, N, heads', dim]
-    o = linear_attention(q, k, v, eps=self.eps, impl=self.kernel_impl).reshape(b, h, w, -1)
+    # Under a mesh the Pallas kernel runs per shard (XLA cannot partition it), as core's attention.
+    fn = functools.partial(linear_attention, eps=self.eps, impl=self.kernel_impl)
+    o = sharding.shard_kernel(fn, (q, k, v), (QKV_AXES,) * 3, QKV_AXES).reshape(b, h, w, -1)
     o = _conv(c, 1, bias=False, name="proj", **kw)(o)
     return ChannelRMSNorm(name="norm", **kw)(o)
 

@@ -137,3 +137,23 @@ def test_upsample(rng, kind):
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="Upsample kind must be one of"):
     conv.Upsample(kind="bilinear").init(jax.random.PRNGKey(0), jnp.asarray(x))
+
+
+@pytest.mark.parametrize("c, features, k, groups", [(6, 6, 3, 6), (12, 12, 5, 12), (12, 6, 1, 3),
+                                                    (8, 8, 3, 2)])
+def test_grouped_conv_equals_flax_conv_with_feature_groups(rng, c, features, k, groups):
+  """The CPU paths (depthwise as shifted sums, grouped 1x1 as per-group matmuls) and the plain one
+  against nn.Conv with feature_group_count, forward and gradients, on an odd-sized image."""
+  x = jnp.asarray(rng.normal(size=(2, 7, 9, c)), jnp.float32)
+  layer = conv.GroupedConv(features, k, groups=groups)
+  ref = conv.nn.Conv(features, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=groups)
+  params = random_params(layer, rng, x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, meta.unbox(ref.init(jax.random.PRNGKey(0), x))["params"])
+  f = lambda m: (lambda p, x: (m.apply({"params": p}, x) ** 2).sum())
+  np.testing.assert_allclose(layer.apply({"params": params}, x), ref.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(f(layer), argnums=(0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(f(ref), argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="divisible by groups"):
+    conv.GroupedConv(features, k, groups=groups + 1).init(jax.random.PRNGKey(0), x)

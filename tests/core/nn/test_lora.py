@@ -94,3 +94,24 @@ def test_dense_general_merged_and_unmerged_agree(rng, key):
   np.testing.assert_allclose(apply_with_lora(model, params, lora, x, scale=0.7),
                              model.apply({"params": merge(params, lora, 0.7)}, x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_conv_lora_merges_as_a_dense_on_the_receptive_field(rng, key):
+  """convs=True adapts 4-D kernels: merge adds scale * reshape(A @ B), so the merged conv equals the
+  base conv plus the rank-r conv; gradients reach A and B through merge."""
+  layer = nn.Conv(5, (3, 3), padding="SAME")
+  x = jnp.asarray(rng.normal(size=(2, 6, 7, 4)), jnp.float32)
+  params = random_params(layer, rng, x)
+  with pytest.raises(ValueError, match="matches no Dense kernel"):    # Dense kernels only by default
+    init_lora(params, ["kernel"], rank=2, key=key)
+  lora = init_lora(params, ["kernel"], rank=2, key=key, convs=True)
+  assert lora["lora_a"].shape == (3 * 3 * 4, 2) and lora["lora_b"].shape == (2, 5)
+  lora = {**lora, "lora_b": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)}
+  merged = merge(params, lora, 0.7)
+  delta = (0.7 * lora["lora_a"] @ lora["lora_b"]).reshape(3, 3, 4, 5)
+  np.testing.assert_allclose(merged["kernel"], params["kernel"] + delta, rtol=1e-6, atol=1e-6)
+  base_plus = layer.apply({"params": params}, x) + nn.Conv(5, (3, 3), padding="SAME", use_bias=False).apply(
+      {"params": {"kernel": delta}}, x)
+  np.testing.assert_allclose(layer.apply({"params": merged}, x), base_plus, rtol=1e-4, atol=1e-4)
+  grads = jax.grad(lambda lo: layer.apply({"params": merge(params, lo)}, x).sum())(lora)
+  assert np.abs(grads["lora_a"]).max() > 0 and np.abs(grads["lora_b"]).max() > 0
