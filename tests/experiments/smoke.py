@@ -28,12 +28,18 @@ SHARED_RUNS = {
     "pid_x4_smoke": "experiments/configs/pid.py:smoke",
     "pid_latent_smoke": "experiments/configs/pid_latent.py:smoke",
     "pid_dmd_smoke": "experiments/configs/pid_distill.py:smoke",      # distils pid_x4_smoke
+    "sana_sr_dcae_smoke": "experiments/configs/sana_sr.py:smoke,dcae",
+    "sana_sr_prior_smoke": "experiments/configs/sana_sr.py:smoke,prior",
+    # LoRA on the frozen sana_sr_prior_smoke and the encoder of sana_sr_dcae_smoke.
+    "sana_sr_onestep_smoke": "experiments/configs/sana_sr.py:smoke",
 }
 # Runs a shared run needs next to it (trained first, so two workers never train one run at once).
 NEEDS = {"precise_2d_smoke": ("flow_2d_smoke",),
          "pid_x4_smoke": ("pid_autoencoder_smoke", "pid_backbone_smoke"),
          "pid_latent_smoke": ("pid_autoencoder_smoke",),
-         "pid_dmd_smoke": ("pid_x4_smoke",)}
+         "pid_dmd_smoke": ("pid_x4_smoke",),
+         "sana_sr_prior_smoke": ("sana_sr_dcae_smoke",),
+         "sana_sr_onestep_smoke": ("sana_sr_dcae_smoke", "sana_sr_prior_smoke")}
 
 
 def cli_env() -> dict:
