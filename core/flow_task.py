@@ -95,7 +95,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """The flow_matching fields with a fixed set of values (before anything is built)."""
   registry.check_choices(config, {"model.kind": ("dit", "mlp"), "flow.time_kind": flow.TIME_KINDS})
   # config_names names the registered datasets when data.name is not one of them.
-  registry.check_choices(config, {"data.config": tuple(data.config_names(config.data.name))})
+  data.check_config(config.data.name, config.data.config)
   if config.model.kind == "dit":
     registry.check_choices(config, {"model.modulation": nn.dit.MODULATIONS, "model.mlp": nn.dit.MLPS,
                                     "model.pos_embed": nn.dit.POS_EMBEDS})

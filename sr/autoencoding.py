@@ -30,7 +30,7 @@ def build_model(config: ml_collections.ConfigDict) -> dcae.DCAE:
 
 
 def crop_size(config: ml_collections.ConfigDict) -> int:
-  return int(str(config.data.config).lstrip("s"))
+  return data.crop_size(config.data.name, config.data.config)
 
 
 def losses(model: dcae.DCAE, params, x_BxHxWx3: jax.Array,
@@ -46,8 +46,8 @@ def losses(model: dcae.DCAE, params, x_BxHxWx3: jax.Array,
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The DC-AE's fields, before anything is built."""
-  registry.check_choices(config, {"data.config": tuple(data.config_names(config.data.name)),
-                                  "model.kernel_impl": ("auto", "pallas", "xla")})
+  data.check_config(config.data.name, config.data.config)
+  registry.check_choices(config, {"model.kernel_impl": ("auto", "pallas", "xla")})
   s = spec(config.model)          # raises on inconsistent stage lists
   if float(config.loss.ssim_weight) < 0:
     raise ValueError(f"config.loss.ssim_weight={config.loss.ssim_weight}; expected >= 0")

@@ -343,12 +343,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   registry.check_choices(config, {"sr.mode": MODES, "sr.degradation": tuple(DEGRADATIONS)})
   autoencoding.check_config(config.dcae)
   flow_task.check_config(config.prior)
-  registry.check_choices(config, {"data.eval_config": tuple(data.config_names(config.data.name))})
   scale, factor = int(sc.scale), 2 ** (len(config.dcae.model.widths) - 1)
   if scale < 1 or factor % scale:
     raise ValueError(f"config.sr.scale={scale} must divide the DC-AE factor {factor}")
   for field in ("config", "eval_config"):
-    size = int(str(config.data[field]).lstrip("s"))
+    data.check_config(config.data.name, config.data[field], f"config.data.{field}")
+    size = data.crop_size(config.data.name, config.data[field])
     if size % factor:
       raise ValueError(f"config.data.{field}={config.data[field]!r}: HR crops of {size} px must be a "
                        f"multiple of the DC-AE factor {factor}")

@@ -9,7 +9,9 @@
 """
 from core.data.pipeline import BatchIterator
 from core.data.pipeline import InMemorySource
+from core.data.registry import check_config
 from core.data.registry import config_names
+from core.data.registry import crop_size
 from core.data.registry import default_data_dir
 from core.data.registry import load
 from core.data.registry import load_in_memory

@@ -51,6 +51,29 @@ def config_names(name: str) -> list[str]:
   return [c.name for c in BUILDERS[name].BUILDER_CONFIGS]
 
 
+def check_config(name: str, config: str, field: str = "config.data.config") -> None:
+  """ValueError naming `field` and the valid choices unless `config` is one of dataset `name`'s
+  configs (or, for a builder that makes configs from strings like image_folder, a valid string)."""
+  if name not in BUILDERS:
+    raise ValueError(f'config.data.name must be one of {sorted(BUILDERS)}, got {name!r}')
+  from_name = getattr(BUILDERS[name], 'config_from_name', None)
+  if from_name is not None:
+    from_name(config)                  # raises, naming what is wrong with the string
+  elif config not in config_names(name):
+    raise ValueError(f'{field}={config!r}; expected one of {config_names(name)}')
+
+
+def crop_size(name: str, config: str) -> int:
+  """The side in pixels of the square images of an image dataset's config (image_crops' `s<S>`,
+  image_folder's `s<S>[x<N>]:<folder>`)."""
+  from_name = getattr(BUILDERS.get(name), 'config_from_name', None)
+  if from_name is not None:
+    return int(from_name(config).crop_size)
+  if not str(config).startswith('s') or not str(config)[1:].isdigit():
+    raise ValueError(f'{name} config {config!r} does not name a crop size (expected s<size>)')
+  return int(str(config)[1:])
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
   """Holds an exclusive flock on `path` (created if missing)."""

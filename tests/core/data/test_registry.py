@@ -89,3 +89,18 @@ def test_builders_are_all_registered():
   assert {'image_crops', 'digits', 'two_d'} <= set(registry.BUILDERS)
   for name, cls in registry.BUILDERS.items():
     assert cls.name == name
+
+
+def test_check_config_and_crop_size_take_fixed_and_folder_configs(tmp_path):
+  core.data.check_config('image_crops', 's64')
+  assert core.data.crop_size('image_crops', 's128') == 128
+  with pytest.raises(ValueError, match=r"config.data.eval_config='s48'; expected one of"):
+    core.data.check_config('image_crops', 's48', 'config.data.eval_config')
+  core.data.check_config('image_folder', f's96x4:{tmp_path}')      # a folder config string
+  assert core.data.crop_size('image_folder', f's96x4:{tmp_path}') == 96
+  with pytest.raises(ValueError, match="is not a folder"):
+    core.data.check_config('image_folder', f's96:{tmp_path}/missing')
+  with pytest.raises(ValueError, match="config.data.name must be one of"):
+    core.data.check_config('nope', 's64')
+  with pytest.raises(ValueError, match="does not name a crop size"):
+    core.data.crop_size('digits', 'r16')
