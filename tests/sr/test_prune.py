@@ -56,8 +56,10 @@ def test_removing_units_of_zero_importance_leaves_the_output_unchanged(rng):
   assert small.block_heads == (3, 4) and small.block_mlp_hidden == (hidden, hidden - 2)
   assert jax.tree.map(jnp.shape, pruned) == jax.tree.map(
       jnp.shape, meta.unbox(jax.eval_shape(lambda: small.init(jax.random.PRNGKey(0), z, t))["params"]))
-  np.testing.assert_allclose(small.apply({"params": pruned}, z, t), model.apply({"params": p}, z, t),
-                             rtol=1e-5, atol=1e-5)
+  # Removing exact zeros from a sum only changes its float32 rounding (order eps x the output).
+  want = model.apply({"params": p}, z, t)
+  np.testing.assert_allclose(small.apply({"params": pruned}, z, t), want, rtol=1e-4,
+                             atol=1e-5 * float(jnp.abs(want).max()))
   # prune() chooses the same units by itself.
   again, params_again, _ = prune.prune(model, p, z, t, head_fraction=1 / (HEADS * 2),
                                        mlp_fraction=2 / (2 * hidden), num_blocks=1)
