@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REFERENCE = {"paper_macs_g": 407.95, "paper_params_m": 344.0, "paper_latency_ms": 19.0,
              "target_latency_ms_h100": 10.0, "anchor_lineardit_0.65b_512px_ms_h200": 4.0,
@@ -32,13 +33,13 @@ REFERENCE = {"paper_macs_g": 407.95, "paper_params_m": 344.0, "paper_latency_ms"
              "design_dcae_decoder_macs_g": 1046.0}
 
 
-def paper_models(attention: str = "linear", dtype=jnp.float32):
+def paper_models(attention: str = "linear", dtype=jnp.float32, preset: str = "paper"):
   """{variant: (SR model, abstract mode params, abstract DC-AE params, abstract prior params)} at the
-  paper preset (jax.ShapeDtypeStruct trees: nothing is allocated)."""
+  preset's sizes (jax.ShapeDtypeStruct trees: nothing is allocated)."""
   from core import flow_task
   from experiments.configs import sana_sr
   from sr import autoencoding, dcae, onestep
-  config = sana_sr.get_config("paper")
+  config = sana_sr.get_config(preset)
   config.prior.model.attention = attention
   config.prior.train.compute_dtype = config.dcae.train.compute_dtype = "float32"
   ae_model = dcae.DCAE(autoencoding.spec(config.dcae.model), dtype=dtype)
@@ -78,17 +79,18 @@ def count(models: dict, size: int) -> dict:
   return out
 
 
-def _materialise(tree, key):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, l.shape, l.dtype)
-                                      for k, l in zip(keys, leaves)])
+def _materialise(tree, seed: int = 0):
+  """Random N(0, 0.02^2) arrays of the abstract tree's shapes (numpy draws: one jax.random call per
+  leaf would compile a program per shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda l: jnp.asarray((0.02 * rng.standard_normal(l.shape, np.float32)), l.dtype),
+                      tree)
 
 
 def latency(model, params, ae_params, base, size: int, repeats: int) -> dict:
   """Compiled end-to-end ms (min, median) of one LR -> SR at size x size output, random weights."""
   key = jax.random.PRNGKey(0)
-  params = _materialise({"mode": params, "ae": ae_params, "base": base if base is not None else {}}, key)
+  params = _materialise({"mode": params, "ae": ae_params, "base": base if base is not None else {}})
   lr = jax.random.uniform(key, (1, size // model.scale, size // model.scale, 3), minval=-1, maxval=1)
   fn = jax.jit(lambda p, x: model.with_frozen(p["ae"], p["base"] or None)(p["mode"], x))
   t0 = time.perf_counter()
@@ -106,6 +108,8 @@ def latency(model, params, ae_params, base, size: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="paper", choices=("smoke", "cpu", "paper"),
+                      help="the sizes of experiments/configs/sana_sr.py to build (smoke: a quick check)")
   parser.add_argument("--sizes", default="512,1024,2048", help="output sizes for the latency")
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
@@ -114,17 +118,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   device = jax.devices()[0].device_kind
-  result = {"device": device, "reference": REFERENCE, "costs_512": {}, "latency": []}
+  result = {"device": device, "preset": args.preset, "reference": REFERENCE, "costs_512": {},
+            "latency": []}
   for attention in ("linear", "xla"):
     tag = "" if attention == "linear" else "_softmax"
-    for name, c in count(paper_models(attention), 512).items():
+    for name, c in count(paper_models(attention, preset=args.preset), 512).items():
       result["costs_512"][name + tag] = c
       print(f"{name + tag:22s} {c['params'] / 1e6:8.1f} M params {c['macs'] / 1e9:9.1f} G MACs at 512 px")
   on_gpu = jax.default_backend() == "gpu"
   if not args.macs_only and (on_gpu or args.force):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     for attention in ("linear", "xla"):
-      for name, (model, params, ae_params, base) in paper_models(attention, dtype).items():
+      for name, (model, params, ae_params, base) in paper_models(attention, dtype, args.preset).items():
         for size in (int(s) for s in args.sizes.split(",")):
           row = {"variant": name + ("" if attention == "linear" else "_softmax"), "size": size,
                  **latency(model, params, ae_params, base, size, args.repeats)}
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
           print(f"{row['variant']:22s} {size:5d} px  min {row['ms_min']:8.2f} ms  median "
                 f"{row['ms_median']:8.2f} ms  (compile {row['compile_s']:.0f} s)", flush=True)
   elif not args.macs_only:
-    print(f"latency: skipped on {jax.default_backend()} (paper-size models; --force to time them)")
+    print(f"latency: skipped on {jax.default_backend()} (--force to time the models here)")
   out = args.out or os.path.join("results", f"bench_sr_{device.replace(' ', '_').lower()}.json")
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
