@@ -77,3 +77,12 @@ def encoded_sources(data_config: ml_collections.ConfigDict, encode: Callable) ->
     return cache[split]
 
   return sources
+
+
+def check_latent_data(data_config: ml_collections.ConfigDict) -> None:
+  """A latent flow model's data fields: it trains on the field 'latent' of `encoded_sources`, without
+  random flips (the training set already holds the mirror images)."""
+  if data_config.field != "latent" or data_config.get("random_flip", False):
+    raise ValueError(f"config.data.field={data_config.field!r}, random_flip="
+                     f"{data_config.get('random_flip', False)}: a latent flow model trains on the field "
+                     "'latent' without random flips (its training set holds the mirrors)")

@@ -65,6 +65,30 @@ def tiled(fn: Callable, inputs: Sequence[tuple[np.ndarray, int]], grid_hw: tuple
   return (out / weight)[None].astype(np.float32)
 
 
+def pad_to(image_HxWx3: np.ndarray, unit: int) -> tuple[np.ndarray, bool]:
+  """(uint8 image padded to multiples of `unit` by repeating its edge pixels, as floats in [-1, 1];
+  whether it was padded)."""
+  h, w = image_HxWx3.shape[:2]
+  ph, pw = -(-h // unit) * unit, -(-w // unit) * unit
+  x = np.pad(image_HxWx3, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+  return x.astype(np.float32) / 127.5 - 1, (ph, pw) != (h, w)
+
+
+def to_uint8(y: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] to uint8, rounded and clipped."""
+  return np.clip(np.round((np.asarray(y) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """The image file as uint8 RGB [H, W, 3]; `fail` naming it when Pillow cannot read it."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, UnidentifiedImageError) as e:
+    fail(f"cannot read --input {path}: {e}")
+
+
 def fail(message: str):
   """A command-line tool's one-line error: 'error: message' on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr)

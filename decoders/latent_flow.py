@@ -50,10 +50,7 @@ def load_autoencoder(config: ml_collections.ConfigDict, workdir: str | None) -> 
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  if config.data.field != "latent" or config.data.get("random_flip", False):
-    raise ValueError(f"config.data.field={config.data.field!r}, random_flip="
-                     f"{config.data.get('random_flip', False)}: the latent flow model trains on the "
-                     "field 'latent' without random flips (its training set holds the mirrors)")
+  latents.check_latent_data(config.data)
   flow_task.check_config(config)
   autoencoder.check_config(config.autoencoder)
 

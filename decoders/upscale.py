@@ -83,9 +83,8 @@ def upscale(decoder: Decoder, image: np.ndarray, *, steps: int | None = None, si
   unit_cells = patch // math.gcd(patch, k)
   unit = f * unit_cells
   h, w = image.shape[:2]
-  ph, pw = -(-h // unit) * unit, -(-w // unit) * unit
-  padded = (ph, pw) != (h, w)
-  x = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge").astype(np.float32) / 127.5 - 1
+  x, padded = upscaling.pad_to(image, unit)
+  ph, pw = x.shape[:2]
   latent = np.asarray(jax.jit(decoder.encoder.encode)(jnp.asarray(x[None])))
   tile_px = tile or decoder.train_lr_size
   tile_cells = max(unit_cells, tile_px // f // unit_cells * unit_cells)
@@ -97,7 +96,7 @@ def upscale(decoder: Decoder, image: np.ndarray, *, steps: int | None = None, si
   y = upscaling.tiled(fn, [(latent, 1), (noise, k)], latent.shape[1:3], tile_cells, overlap, k,
                         progress=progress)
   y = y[0, :h * decoder.scale, :w * decoder.scale]
-  return np.clip(np.round((y + 1) * 127.5), 0, 255).astype(np.uint8), padded
+  return upscaling.to_uint8(y), padded
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     upscaling.fail(f"--sigma must be in [0, 1), got {args.sigma}")
   if args.steps is not None and args.steps < 1:
     upscaling.fail(f"--steps must be >= 1, got {args.steps}")
-  from PIL import Image, UnidentifiedImageError
-  try:
-    image = np.asarray(Image.open(args.input).convert("RGB"))
-  except (OSError, UnidentifiedImageError) as e:
-    upscaling.fail(f"cannot read --input {args.input}: {e}")
+  image = upscaling.read_rgb(args.input)
   import experiments.tasks  # noqa: F401  (registers the tasks the run's config names)
   try:
     decoder = load(args.workdir)
@@ -139,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"input {image.shape[1]}x{image.shape[0]} padded to the tile unit and the output cropped "
           "back", file=sys.stderr)
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  from PIL import Image
   Image.fromarray(out).save(args.output)
   print(f"wrote {args.output}: {out.shape[1]}x{out.shape[0]} ({decoder.scale}x, sigma_lat "
         f"{args.sigma}, {'4-step student' if decoder.student else f'{args.steps or decoder.default_steps} steps'})")

@@ -52,3 +52,22 @@ def train_timed(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"steps": end, "batch": int(config.train.global_batch_size),
           "ema_decay": float(config.optim.ema_decay), "final_eval": evals[-1] if evals else {},
           "seconds": max(row.get("train_seconds", 0.0) for row in rows)}
+
+
+def training_section(trained: dict, eval_note: str = "") -> list[str]:
+  """A table's "## Training" markdown lines: per run (`train_timed` results) its steps, batch, training
+  seconds and last evaluation."""
+  lines = ["## Training", "", f"| run | steps | batch | train s | its last evaluation{eval_note} |",
+           "|---|---:|---:|---:|---|"]
+  for name, t in trained.items():
+    evals = ", ".join(f"{k[5:]} {v:.3g}" for k, v in t["final_eval"].items() if not k.endswith("_std"))
+    lines.append(f"| {name} | {t['steps']} | {t['batch']} | {t['seconds']:.0f} | {evals} |")
+  return lines
+
+
+def write_report(out: str, stem: str, result: dict, text: str) -> None:
+  """OUT/STEM.json (the result) and OUT/STEM.md (its markdown)."""
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(text)

@@ -22,10 +22,7 @@ def dcae_path(config: ml_collections.ConfigDict, workdir: str | None) -> str:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  if config.data.field != "latent" or config.data.get("random_flip", False):
-    raise ValueError(f"config.data.field={config.data.field!r}, random_flip="
-                     f"{config.data.get('random_flip', False)}: the prior trains on the field 'latent' "
-                     "without random flips (its training set holds the mirrors)")
+  latents.check_latent_data(config.data)
   flow_task.check_config(config)
   autoencoding.check_config(config.dcae)
 

@@ -27,16 +27,15 @@ def upscale(model, params, image: np.ndarray, *, tile: int = 512, overlap: int =
   loaded run (`sr.onestep.load`); tile and overlap in output pixels."""
   pf, out_k = model.pixel_factor, model.ae.factor
   h, w = image.shape[:2]
-  ph, pw = -(-h // pf) * pf, -(-w // pf) * pf
-  padded = (ph, pw) != (h, w)
-  x = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge").astype(np.float32) / 127.5 - 1
+  x, padded = upscaling.pad_to(image, pf)
+  ph, pw = x.shape[:2]
   cells = max(1, tile // out_k)
   overlap_cells = min(max(1, -(-overlap // out_k)), max(cells - 1, 0))
   fn = jax.jit(lambda lr: model(params, lr))
   y = upscaling.tiled(fn, [(x[None], pf)], (ph // pf, pw // pf), cells, overlap_cells, out_k,
                       progress=progress)
   y = y[0, :h * model.scale, :w * model.scale]
-  return np.clip(np.round((y + 1) * 127.5), 0, 255).astype(np.uint8), padded
+  return upscaling.to_uint8(y), padded
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.tile < 1 or args.overlap < 0:
     upscaling.fail(f"--tile must be >= 1 and --overlap >= 0, got {args.tile} and {args.overlap}")
-  from PIL import Image, UnidentifiedImageError
-  try:
-    image = np.asarray(Image.open(args.input).convert("RGB"))
-  except (OSError, UnidentifiedImageError) as e:
-    upscaling.fail(f"cannot read --input {args.input}: {e}")
+  image = upscaling.read_rgb(args.input)
   import experiments.tasks  # noqa: F401  (registers the tasks the run's config names)
   from core import train
   from sr import onestep
@@ -77,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"input {image.shape[1]}x{image.shape[0]} padded to a multiple of {model.pixel_factor} px "
           "and the output cropped back", file=sys.stderr)
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  from PIL import Image
   Image.fromarray(out).save(args.output)
   print(f"wrote {args.output}: {out.shape[1]}x{out.shape[0]} ({model.scale}x, {model.mode})")
 

@@ -16,7 +16,6 @@ against the decode of the finished latent. Writes pid.md, pid.json and pid_crops
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -29,7 +28,7 @@ from core import data, flow, flow_task, metrics, train, writers
 from decoders import distill, latent_flow, task as pid_task
 from experiments import plots
 from experiments.configs import pid as pid_config, pid_autoencoder, pid_distill, pid_latent
-from experiments.training import table_parser, train_timed
+from experiments.training import table_parser, train_timed, training_section, write_report
 
 # Per preset: scales, eval crops, the teacher's and the cascade's Euler steps, the latent sampler's
 # steps, the early-exit sigmas and samples, timed repeats, the DMD2 variants, the second latent, and
@@ -262,12 +261,7 @@ def markdown(result: dict) -> str:
   for r in result["early_exit"]:
     lines.append(f"| {r['sigma_exit']:.1f} | {r['decoder']} | {r['latent_nfe']} | {r['latent_nfe_saved']} "
                  f"| {r['psnr_vs_full']:.2f} | {r['ssim_vs_full']:.3f} | {_fmt(r['niqe'])} |")
-  lines += ["", "![crops](pid_crops.png)", "", "## Training", "",
-            "| run | steps | batch | train s | its last evaluation (EMA params) |",
-            "|---|---:|---:|---:|---|"]
-  for name, t in result["trained"].items():
-    evals = ", ".join(f"{k[5:]} {v:.3g}" for k, v in t["final_eval"].items() if not k.endswith("_std"))
-    lines.append(f"| {name} | {t['steps']} | {t['batch']} | {t['seconds']:.0f} | {evals} |")
+  lines += ["", "![crops](pid_crops.png)", ""] + training_section(result["trained"], " (EMA params)")
   lines += ["", "## The paper's figures", ""] + [f"- {p}" for p in PAPER] + [""]
   return "\n".join(lines)
 
@@ -327,10 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             "teacher_mode": str(pid_config.get_config(args.preset).pid.mode),
             "rows": rows, "early_exit": exits, "other_latent": other, "trained": trained}
   figure(crops, os.path.join(args.out, "pid_crops.png"))
-  with open(os.path.join(args.out, "pid.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(args.out, "pid.md"), "w") as f:
-    f.write(markdown(result))
+  write_report(args.out, "pid", result, markdown(result))
   writers.log(f"wrote {args.out}/pid.md, pid.json, pid_crops.png in {seconds:.0f} s")
 
 

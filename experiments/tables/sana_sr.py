@@ -15,7 +15,6 @@ sana_sr_latency.png and sana_sr_crops.png into --out.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow_task, metrics, writers
 from experiments import bench_sr, plots
 from experiments.configs import sana_sr
-from experiments.training import table_parser, train_timed
+from experiments.training import table_parser, train_timed, training_section, write_report
 from sr import onestep
 
 # Per preset: the SR runs in the table (their DC-AE and priors are trained on the way), held-out crops,
@@ -209,11 +208,7 @@ def markdown(result: dict) -> str:
     lines += ["", "The paper's 407.95 G MACs (344 M parameters) cannot include a DC-AE encoder and full "
               "decoder (the `dcae` pipeline); the encoder-free pipeline (pixel_unshuffle + Linear, the "
               "19-block LinearDiT, the decoder at 0.5625 width) lands on it."]
-  lines += ["", "## Training", "", "| run | steps | batch | train s | its last evaluation |",
-            "|---|---:|---:|---:|---|"]
-  for name, t in result["trained"].items():
-    evals = ", ".join(f"{k[5:]} {v:.3g}" for k, v in t["final_eval"].items() if not k.endswith("_std"))
-    lines.append(f"| {name} | {t['steps']} | {t['batch']} | {t['seconds']:.0f} | {evals} |")
+  lines += [""] + training_section(result["trained"])
   lines += ["", "## The papers' figures", ""] + [f"- {p}" for p in PAPER] + [""]
   return "\n".join(lines)
 
@@ -249,10 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             "pruning": pruning, "paper_costs": paper, "trained": trained}
   latency_plot(sweep, os.path.join(args.out, "sana_sr_latency.png"))
   figure(crops, os.path.join(args.out, "sana_sr_crops.png"), s["variants"])
-  with open(os.path.join(args.out, "sana_sr.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(args.out, "sana_sr.md"), "w") as f:
-    f.write(markdown(result))
+  write_report(args.out, "sana_sr", result, markdown(result))
   writers.log(f"wrote {args.out}/sana_sr.md, sana_sr.json and the plots in {result['seconds']:.0f} s")
 
 
