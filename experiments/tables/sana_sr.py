@@ -208,9 +208,29 @@ def markdown(result: dict) -> str:
     lines += ["", "The paper's 407.95 G MACs (344 M parameters) cannot include a DC-AE encoder and full "
               "decoder (the `dcae` pipeline); the encoder-free pipeline (pixel_unshuffle + Linear, the "
               "19-block LinearDiT, the decoder at 0.5625 width) lands on it."]
-  lines += [""] + training_section(result["trained"])
+  d = result["data"]
+  lines += ["", f"Training data: degrading a batch of {d['batch']} HR crops on the host took "
+            f"{d['degrade_ms']:.0f} ms, against {d['step_ms']:.0f} ms per one-step training step "
+            f"({100 * d['degrade_ms'] / d['step_ms']:.0f}%, the batch made serially inside it).", ""]
+  lines += training_section(result["trained"])
   lines += ["", "## The papers' figures", ""] + [f"- {p}" for p in PAPER] + [""]
   return "\n".join(lines)
+
+
+def data_cost(preset: str, trained: dict) -> dict:
+  """The host's time to degrade one training batch (`onestep.degraded_pairs`, median of 5) against
+  the one-step run's time per training step (its training seconds over its steps; the loop makes
+  its batches serially, so the degradation is inside that time)."""
+  config = sana_sr.get_config(preset)
+  it = onestep.degraded_pairs(config, 0, 1)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    next(it)
+    times.append(time.perf_counter() - t0)
+  t = trained["onestep"]
+  return {"batch": int(config.train.global_batch_size), "degrade_ms": 1e3 * statistics.median(times),
+          "step_ms": 1e3 * t["seconds"] / t["steps"]}
 
 
 def dit_pruning(preset: str, runs: str) -> str:
@@ -236,12 +256,13 @@ def main(argv: list[str] | None = None) -> None:
   trained = {}
   rows, crops = sr_rows(args.preset, args.runs, trained)
   sweep = attention_sweep(args.preset, s["repeats"])
+  data = data_cost(args.preset, trained)
   pruning = dit_pruning(args.preset, args.runs) if "pruned" in s["variants"] else ""
   paper = bench_sr.count(bench_sr.paper_models(), 512) if s["paper_costs"] else {}
   result = {"preset": args.preset, "settings": s, "seconds": time.perf_counter() - t0,
             "device": jax.devices()[0].device_kind, "hr_size": int(crops["pairs"]["hr"].shape[1]),
             "lr_size": int(crops["pairs"]["lr"].shape[1]), "rows": rows, "sweep": sweep,
-            "pruning": pruning, "paper_costs": paper, "trained": trained}
+            "pruning": pruning, "paper_costs": paper, "data": data, "trained": trained}
   latency_plot(sweep, os.path.join(args.out, "sana_sr_latency.png"))
   figure(crops, os.path.join(args.out, "sana_sr_crops.png"), s["variants"])
   write_report(args.out, "sana_sr", result, markdown(result))
