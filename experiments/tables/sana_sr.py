@@ -37,7 +37,7 @@ SETTINGS = {
               "sweep": (64, 128), "paper_costs": False},
     "cpu": {"variants": ("multistep", "onestep", "onestep_vsd", "pruned", "encoder_free",
                          "onestep_softmax"), "eval": 28, "repeats": 20,
-            "sweep": (128, 256, 512, 1024, 2048), "paper_costs": True},
+            "sweep": (128, 256, 512, 1024, 1536), "paper_costs": True},
     "paper": {"variants": ("multistep", "onestep", "onestep_vsd", "pruned", "encoder_free",
                            "onestep_softmax"), "eval": 64, "repeats": 100,
               "sweep": (512, 1024, 2048, 4096), "paper_costs": True},
