@@ -141,7 +141,7 @@ def get_config(arg: str = "cpu"):
   c.train.update({"num_steps": 1500, "global_batch_size": 16, "log_every": 100, "eval_every": 500,
                   "sample_every": 1500, "checkpoint_every": 500})
   c.optim.update({"lr": 5e-4, "warmup_steps": 50, "ema_decay": 0.0})
-  if variant == "multistep":      # all the prior's weights are fine-tuned: a smaller step
+  if variant in ("multistep", "encoder_free"):   # every weight of the DiT is trained: a smaller step
     c.optim.lr = 2e-4
   if variant == "pruned":         # "a short re-tune"
     c.train.update({"num_steps": 500, "eval_every": 500, "sample_every": 500})
