@@ -159,3 +159,12 @@ def pytest_terminal_summary(terminalreporter):
     for command in replays:
       terminalreporter.write_line(command)
   terminalreporter.write_line(f"suite seed: {terminalreporter.config.suite_seed}")
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, worker_id):
+  """The session's shared smoke runs (tests/experiments/smoke.py), for the CLI, table and notebook tests."""
+  from tests.experiments.smoke import SmokeRuns
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist every worker has its own basetemp below one shared parent.
+  return SmokeRuns(os.path.join(base.parent if worker_id != "master" else base, "shared_smoke_runs"))

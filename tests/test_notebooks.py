@@ -8,6 +8,8 @@ import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from tests.experiments.smoke import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 CELL_TIMEOUT_S = 300
@@ -19,15 +21,25 @@ def test_python3_kernel_is_this_python():
   assert KernelManager(kernel_name="python3").format_kernel_cmd()[0] == sys.executable
 
 
+# Finished smoke runs a notebook builds on, handed to it as $SMOKE_RUNS (copies of the session's
+# shared runs), so that it trains only its own run.
+BUILDS_ON = {"pid.ipynb": ("pid_autoencoder_smoke", "pid_backbone_smoke"),
+             "sana_sr.ipynb": ("sana_sr_dcae_smoke", "sana_sr_prior_smoke")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_without_error(path):
+def test_notebook_runs_without_error(path, tmp_path, smoke_runs):
   nb = nbformat.read(path, as_version=4)
   dirty = [i for i, cell in enumerate(nb.cells)
            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
   assert not dirty, f"{path}: clear the outputs of cells {dirty} before committing"
   # One CPU device: the 8 fake devices of conftest would only slow the notebook's training down.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = cli_env()
+  if os.path.basename(path) in BUILDS_ON:
+    for run in BUILDS_ON[os.path.basename(path)]:
+      smoke_runs.copy(run, tmp_path)
+    env["SMOKE_RUNS"] = str(tmp_path)
   client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                           resources={"metadata": {"path": ROOT}})   # the kernel starts in the repo root
   client.execute(env=env)   # raises CellExecutionError, naming the cell, on the first error

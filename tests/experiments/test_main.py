@@ -66,8 +66,9 @@ def test_every_config_smoke_preset_runs_end_to_end(spec, tmp_path, smoke_runs):
     tags = {(e.step, v.tag) for e in _tensorboard_events(workdir / "tensorboard")
             if e.HasField("summary") for v in e.summary.value}
     assert (last, "sample/grid") in tags and any(t.startswith("config") for _, t in tags)
-  again = _run(spec, workdir, *overrides)           # a finished run says so and exits 0
-  assert again.returncode == 0 and "already finished" in again.stdout
+  if spec == f"{FLOW_2D}:smoke":   # a finished run says so and exits 0 (checked once: the check is
+    again = _run(spec, workdir, *overrides)     # the CLI's, not the task's, and a start costs ~4 s)
+    assert again.returncode == 0 and "already finished" in again.stdout
 
 
 def _final_params(workdir):

@@ -51,21 +51,24 @@ def _random_b(rng, tree):
 def test_one_step_is_the_x0_prediction_and_lora_starts_as_the_prior(rng):
   model, params = _onestep(rng)
   lr = _lr(rng)
-  up = jax.image.resize(lr, (2, 32, 48, 3), "bicubic")
-  z_lr = model.ae.encode(up)
-  np.testing.assert_allclose(model.encode(params, lr), z_lr, rtol=1e-5, atol=1e-5)
   t = jnp.full((2,), T_STAR)
-  v = model.dit.apply({"params": model.base}, z_lr, t)
-  want = model.ae.decode(z_lr - T_STAR * v)
-  np.testing.assert_allclose(model(params, lr), want, rtol=1e-4, atol=1e-4)
-  assert model(params, lr).shape == (2, 32, 48, 3)
+  # Each piece compiled once (op by op, the DC-AE's many small ops made this test slow).
+  encode = jax.jit(lambda p, x: model.encode(p, x))
+  forward = jax.jit(lambda p, x: model(p, x))
+  x0 = jax.jit(lambda dit_params, z: z - T_STAR * model.dit.apply({"params": dit_params}, z, t))
+  z_lr = jax.jit(lambda x: model.ae.encode(jax.image.resize(x, (2, 32, 48, 3), "bicubic")))(lr)
+  np.testing.assert_allclose(encode(params, lr), z_lr, rtol=1e-5, atol=1e-5)
+  want = jax.jit(lambda z: model.ae.decode(z))(x0(model.base, z_lr))
+  out = forward(params, lr)
+  assert out.shape == (2, 32, 48, 3)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
   # With non-zero B the forward is the merged prior's.
   trained = {k: _random_b(rng, v) for k, v in params.items()}
   merged = lora.merge(model.base, trained["dit_lora"])
-  z = model.encode(trained, lr)
-  np.testing.assert_allclose(model.one_step(trained, z),
-                             z - T_STAR * model.dit.apply({"params": merged}, z, t), rtol=1e-4, atol=1e-4)
-  assert not np.allclose(model.encode(trained, lr), z_lr, atol=1e-4)
+  z = encode(trained, lr)
+  np.testing.assert_allclose(jax.jit(lambda p, z: model.one_step(p, z))(trained, z), x0(merged, z),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(z, z_lr, atol=1e-4)
 
 
 def test_the_multistep_baseline_starts_as_the_prior(rng):
@@ -107,13 +110,14 @@ def test_losses_compose_and_vsd_is_zero_at_the_start(rng, key):
   params["fake_lora"] = lora.init_lora(model.base, [r"attn/qkv/kernel"], 2, key)
   batch = {"lr": _lr(rng), "hr": jnp.asarray(rng.uniform(-1, 1, size=(2, 32, 48, 3)), jnp.float32)}
   config = ml_collections.ConfigDict({"sr": {"ssim_weight": 0.5, "vsd_weight": 1.0}})
-  loss, terms = onestep.sr_losses(model, params, batch, key, config)
-  out = model(params, batch["lr"])
+  # Compiled: run op by op, the DC-AE and DiT forward and backward took 35 s of the suite.
+  (loss, terms), grads = jax.jit(jax.value_and_grad(
+      lambda p: onestep.sr_losses(model, p, batch, key, config), has_aux=True))(params)
+  out = jax.jit(lambda p, lr: model(p, lr))(params, batch["lr"])
   l2 = float(jnp.mean((out - batch["hr"]) ** 2))
   np.testing.assert_allclose(terms["l2"], l2, rtol=1e-5)
   assert float(terms["vsd"]) == 0.0 and float(terms["fake_flow"]) > 0
   np.testing.assert_allclose(loss, l2 + 0.5 * (1 - terms["ssim"]) + terms["fake_flow"], rtol=1e-5)
-  grads = jax.grad(lambda p: onestep.sr_losses(model, p, batch, key, config)[0])(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert np.abs(grads["fake_lora"]["block_0"]["attn"]["qkv"]["lora_b"]).max() > 0
 
