@@ -165,6 +165,37 @@ def _g(v):
   return "—" if v is None else f"{v / 1e9:.3f}"
 
 
+def targets(result: dict) -> list[str]:
+  """Each cpu-preset target of the reproduction, measured and marked met / not met (from the rows)."""
+  by, out = {r["variant"]: r for r in result["rows"]}, []
+  verdict = lambda ok: "met" if ok else "NOT met"
+  one, bic = by.get("onestep"), by.get("bicubic")
+  if one and bic:
+    dp, ds = one["psnr"] - bic["psnr"], one["ssim"] - bic["ssim"]
+    out.append(f"One-step beats bicubic clearly: PSNR {dp:+.2f} dB, SSIM {ds:+.4f}: "
+               f"{verdict(dp > 0.5 and ds > 0)}.")
+  if one and "multistep" in by:
+    m = by["multistep"]
+    out.append(f"One-step within 0.5 dB of the multi-step sampler at a fraction of its latency: "
+               f"{one['psnr'] - m['psnr']:+.2f} dB at {one['ms_median'] / m['ms_median']:.2f}x its "
+               f"latency: {verdict(one['psnr'] >= m['psnr'] - 0.5 and one['ms_median'] < m['ms_median'])}.")
+  if one and "pruned" in by and result["pruning"]:
+    q, d = by["pruned"], result["pruning"]
+    cut_p, cut_m = (1 - d[k][1] / d[k][0] for k in ("params", "macs"))
+    out.append(f"Pruning cuts the DiT's params and MACs by at least 30% for at most 0.3 dB: "
+               f"{100 * cut_p:.0f}% / {100 * cut_m:.0f}% for {q['psnr'] - one['psnr']:+.2f} dB: "
+               f"{verdict(min(cut_p, cut_m) >= 0.3 and q['psnr'] >= one['psnr'] - 0.3)} (the whole "
+               f"pipeline, DC-AE included: {100 * (1 - q['params'] / one['params']):.0f}% / "
+               f"{100 * (1 - q['macs'] / one['macs']):.0f}%).")
+  sizes = {r["size"] for r in result["sweep"]}
+  if len(sizes) >= 4:
+    lin, soft = growth(result["sweep"], "linear"), growth(result["sweep"], "softmax")
+    out.append(f"Linear attention's latency grows linearly in pixels, the softmax twin's quadratically "
+               f"(over {len(sizes)} sizes; slopes between the two largest): {lin:.2f} and {soft:.2f}: "
+               f"{verdict(lin < 1.3 and soft > 1.5)}.")
+  return out
+
+
 def markdown(result: dict) -> str:
   s, preset = result["settings"], result["preset"]
   lines = [
@@ -189,7 +220,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"Pruning (sr/prune.py): parameters {p['params'] / 1e6:.2f} M -> {q['params'] / 1e6:.2f} M "
               f"({100 * (1 - q['params'] / p['params']):.0f}% fewer), MACs {_g(p['macs'])} G -> "
               f"{_g(q['macs'])} G ({100 * (1 - q['macs'] / p['macs']):.0f}% fewer), PSNR "
-              f"{q['psnr'] - p['psnr']:+.2f} dB. The DiT alone: {result['pruning']}."]
+              f"{q['psnr'] - p['psnr']:+.2f} dB. The DiT alone: {pruning_text(result['pruning'])}."]
   sweep = result["sweep"]
   lines += ["", "## Linear against softmax attention (the prior's DiT, random weights, batch 1)", "",
             "| output px | tokens | linear (ms) | softmax (ms) |", "|---:|---:|---:|---:|"]
@@ -208,6 +239,7 @@ def markdown(result: dict) -> str:
     lines += ["", "The paper's 407.95 G MACs (344 M parameters) cannot include a DC-AE encoder and full "
               "decoder (the `dcae` pipeline); the encoder-free pipeline (pixel_unshuffle + Linear, the "
               "19-block LinearDiT, the decoder at 0.5625 width) lands on it."]
+  lines += ["", "## The issue's targets at this preset", ""] + [f"- {t}" for t in targets(result)]
   d = result["data"]
   lines += ["", f"Training data: degrading a batch of {d['batch']} HR crops on the host took "
             f"{d['degrade_ms']:.0f} ms, against {d['step_ms']:.0f} ms per one-step training step "
@@ -233,8 +265,8 @@ def data_cost(preset: str, trained: dict) -> dict:
           "step_ms": 1e3 * t["seconds"] / t["steps"]}
 
 
-def dit_pruning(preset: str, runs: str) -> str:
-  """The DiT's parameters and MACs per latent before and after pruning, as text."""
+def dit_pruning(preset: str, runs: str) -> dict:
+  """The DiT's parameters and MACs on an 8x8 latent before and after pruning."""
   out = {}
   for variant in ("onestep", "pruned"):
     model, params, _ = onestep.load(os.path.join(runs, run_name(variant, preset)))
@@ -243,6 +275,11 @@ def dit_pruning(preset: str, runs: str) -> str:
     macs = metrics.flops(lambda p, x, m=model.dit: m.apply({"params": p}, x, jnp.ones((1,))), dit, z)["macs"]
     out[variant] = (metrics.param_count(dit), macs)
   (p0, m0), (p1, m1) = out["onestep"], out["pruned"]
+  return {"params": [p0, p1], "macs": [m0, m1]}
+
+
+def pruning_text(d: dict) -> str:
+  (p0, p1), (m0, m1) = d["params"], d["macs"]
   return (f"{p0 / 1e6:.3f} M -> {p1 / 1e6:.3f} M parameters ({100 * (1 - p1 / p0):.0f}% fewer), "
           f"{m0 / 1e6:.1f} M -> {m1 / 1e6:.1f} M MACs on an 8x8 latent ({100 * (1 - m1 / m0):.0f}% fewer)")
 
@@ -257,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
   rows, crops = sr_rows(args.preset, args.runs, trained)
   sweep = attention_sweep(args.preset, s["repeats"])
   data = data_cost(args.preset, trained)
-  pruning = dit_pruning(args.preset, args.runs) if "pruned" in s["variants"] else ""
+  pruning = dit_pruning(args.preset, args.runs) if "pruned" in s["variants"] else {}
   paper = bench_sr.count(bench_sr.paper_models(), 512) if s["paper_costs"] else {}
   result = {"preset": args.preset, "settings": s, "seconds": time.perf_counter() - t0,
             "device": jax.devices()[0].device_kind, "hr_size": int(crops["pairs"]["hr"].shape[1]),
