@@ -228,6 +228,40 @@ def _fmt(v, spec=".2f"):
   return "—" if v is None else format(v, spec)
 
 
+def targets(result: dict) -> list[str]:
+  """The issue's cpu-preset targets, each measured from the rows (met / NOT met where it has a bar)."""
+  steps, out = result["settings"]["steps"], []
+  verdict = lambda ok: "met" if ok else "NOT met"
+  row = lambda scale, method: next((r for r in result["rows"]
+                                    if r["scale"] == scale and r["method"] == method), None)
+  teacher_name = f"PiD teacher ({steps} steps, sigma_lat 0)"
+  for scale in result["settings"]["scales"]:
+    t = row(scale, teacher_name)
+    c = row(scale, f"cascade: AE decode + pixel diffusion SR ({steps} steps)")
+    if t and c:
+      ok = t["psnr"] >= c["psnr"] and t["ssim"] >= c["ssim"] and t["ms"] < c["ms"]
+      out.append(f"{scale}x: PiD matches or beats the cascade's PSNR / SSIM at lower latency: "
+                 f"{t['psnr'] - c['psnr']:+.2f} dB, SSIM {t['ssim'] - c['ssim']:+.3f}, at "
+                 f"{t['ms'] / c['ms']:.2f}x its latency: {verdict(ok)} (the paper: ~6x faster).")
+    z = row(scale, f"PiD teacher ({steps} steps, sigma_lat 0.2)")
+    if t and z and t["niqe"] is not None and z["niqe"] is not None:
+      out.append(f"{scale}x: sigma_lat 0.2 at decode against 0: NIQE {t['niqe']:.2f} -> {z['niqe']:.2f} "
+                 f"({z['niqe'] - t['niqe']:+.2f}; lower is more natural), PSNR "
+                 f"{z['psnr'] - t['psnr']:+.2f} dB.")
+  t = row(4, teacher_name)
+  cfg = next((r for r in result["rows"] if r["scale"] == 4 and "the students' target" in r["method"]), None)
+  for r in result["rows"]:
+    if r["scale"] == 4 and r["method"].startswith("PiD student") and t:
+      against_cfg = f" (against the teacher at its CFG: {r['psnr'] - cfg['psnr']:+.2f} dB)" if cfg else ""
+      out.append(f"{r['method']} within 1 dB PSNR of the teacher: {r['psnr'] - t['psnr']:+.2f} dB: "
+                 f"{verdict(r['psnr'] >= t['psnr'] - 1.0)}{against_cfg}.")
+  for e in result["early_exit"]:
+    if e["decoder"] == "PiD, sigma_lat = sigma_exit" and 0.2 <= e["sigma_exit"] <= 0.4:
+      out.append(f"Early exit at sigma {e['sigma_exit']:.1f} saves {e['latent_nfe_saved']} latent steps; "
+                 f"its decode is {e['psnr_vs_full']:.2f} dB from the finished latent's.")
+  return out
+
+
 def markdown(result: dict) -> str:
   s, preset = result["settings"], result["preset"]
   lines = [
@@ -261,6 +295,7 @@ def markdown(result: dict) -> str:
   for r in result["early_exit"]:
     lines.append(f"| {r['sigma_exit']:.1f} | {r['decoder']} | {r['latent_nfe']} | {r['latent_nfe_saved']} "
                  f"| {r['psnr_vs_full']:.2f} | {r['ssim_vs_full']:.3f} | {_fmt(r['niqe'])} |")
+  lines += ["", "## The issue's targets at this preset", ""] + [f"- {t}" for t in targets(result)]
   lines += ["", "![crops](pid_crops.png)", ""] + training_section(result["trained"], " (EMA params)")
   lines += ["", "## The paper's figures", ""] + [f"- {p}" for p in PAPER] + [""]
   return "\n".join(lines)
