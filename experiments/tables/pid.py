@@ -267,7 +267,8 @@ def markdown(result: dict) -> str:
   lines = [
       "# PiD: pixel diffusion decoder with a sigma-aware adapter", "",
       f"Written by `python -m experiments.tables.pid --preset {preset}` ({result['seconds']:.0f} s on "
-      f"{result['device']}, training included). arXiv 2605.23902; the method lives in `decoders/`. "
+      f"{result['device']}; training included only for runs not yet trained). "
+      "arXiv 2605.23902; the method lives in `decoders/`. "
       f"{s['eval']} eval HR crops ({result['hr_size']} px) of the held-out photos; the LR input is their "
       "antialiased bicubic downsampling, encoded by the autoencoder; every method decodes that latent. "
       "PSNR / SSIM against the HR crop (mean ± std over crops), colour error = CIEDE2000 of the output "

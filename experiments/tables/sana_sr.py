@@ -201,7 +201,8 @@ def markdown(result: dict) -> str:
   lines = [
       "# SANA-SR: one-step super-resolution with a DC-AE and a linear-attention DiT", "",
       f"Written by `python -m experiments.tables.sana_sr --preset {preset}` ({result['seconds']:.0f} s on "
-      f"{result['device']}, training included). arXiv 2605.23451; the method lives in `sr/`. "
+      f"{result['device']}; training included only for runs not yet trained). "
+      "arXiv 2605.23451; the method lives in `sr/`. "
       f"{s['eval']} held-out {result['hr_size']} px crops, degraded to {result['lr_size']} px by "
       "Real-ESRGAN's second-order pipeline with a fixed seed (trained on 64 px crops degraded on the "
       "fly); PSNR / SSIM on the Y channel against the original crop, NIQE (BasicSR's, lower = more "
