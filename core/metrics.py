@@ -3,7 +3,8 @@
 Image quality (PSNR, SSIM, on RGB or on BT.601 luma; `image_quality` over a batch; the no-reference
 NIQE; CIEDE2000 colour error, also against a low-resolution input), model cost (parameters, FLOPs,
 paired latencies), distances between sample sets (energy distance, sliced W1, with bootstrap errors),
-per-class diversity, and where a curve first reaches a target.
+per-class diversity, where a curve first reaches a target, and standard errors (of a mean, of a
+paired difference).
 
 PSNR and SSIM match scikit-image's `peak_signal_noise_ratio` and `structural_similarity` defaults,
 computed per image in JAX, in the inputs' float precision (float32 at least; float64 under x64).
@@ -211,6 +212,40 @@ def first_crossing(xs, ys, target: float) -> float | None:
       f = (target - ys[i - 1]) / (y - ys[i - 1])
       return float(xs[i - 1] + f * (xs[i] - xs[i - 1]))
   return None
+
+
+def mean_and_se(values_N) -> tuple[float, float]:
+  """(mean, standard error of the mean) of N values: se = sample std (ddof=1) / sqrt(N), e.g. over
+  seeds or test examples. se is nan for N < 2 (one value says nothing about the spread; nan, not 0,
+  so a table cannot show a single run as exact); the mean is nan for N = 0."""
+  values_N = np.asarray(values_N, np.float64).reshape(-1)
+  n = len(values_N)
+  mean = float(values_N.mean()) if n else float("nan")
+  se = float(values_N.std(ddof=1) / math.sqrt(n)) if n >= 2 else float("nan")
+  return mean, se
+
+
+def paired_se(a_N, b_N) -> float:
+  """The standard error of mean(a) - mean(b) for paired values a_N, b_N [N] (e.g. two methods on the
+  same seeds or examples): the se of the per-pair differences, free of what the pairs share."""
+  a_N, b_N = np.asarray(a_N, np.float64), np.asarray(b_N, np.float64)
+  if a_N.shape != b_N.shape or a_N.ndim != 1:
+    raise ValueError(f"paired values must both have shape [N]; got {a_N.shape} and {b_N.shape}")
+  return mean_and_se(a_N - b_N)[1]
+
+
+def clustered_se(successes_F, counts_F) -> float:
+  """The standard error of the pooled rate p = sum(successes) / sum(counts) when the items come in F
+  correlated clusters (e.g. the blocks of one file; successes may be differences of two methods'
+  counts on the same items, for a paired difference): the ratio estimator's cluster-robust se,
+  sqrt(F / (F - 1) * sum_f (s_f - p n_f)^2) / sum_f n_f. With one item per cluster it is the
+  binomial sqrt(p (1 - p) / F) times sqrt(F / (F - 1)); nan for F < 2."""
+  s_F, n_F = np.asarray(successes_F, np.float64), np.asarray(counts_F, np.float64)
+  f = len(s_F)
+  if f < 2:
+    return float("nan")
+  p = s_F.sum() / n_F.sum()
+  return float(math.sqrt(f / (f - 1) * ((s_F - p * n_F) ** 2).sum()) / n_F.sum())
 
 
 def image_quality(x_BxHxWxC: jax.Array, reference_BxHxWxC: jax.Array, *,

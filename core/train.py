@@ -35,6 +35,10 @@ PyTree = Any
 # up to the checkpoint). Any other difference makes the checkpoint meaningless for the new config.
 RUN_CONTROL_FIELDS = ("train.num_steps", "train.log_every", "train.eval_every", "train.sample_every",
                       "train.checkpoint_every", "train.keep_checkpoints", "mesh", "sharding")
+# Fields added to the base config after runs were stored, with the value that computes what the
+# trainer computed before them: a workdir's config.json without one (at any depth: a config embeds
+# the configs of the runs it builds on) counts as holding that value.
+FIELDS_ADDED_LATER = {"optim.ema_warmup": False}
 
 
 @flax.struct.dataclass
@@ -172,6 +176,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   """(state, batch) -> (state, metrics): one optimiser step; jit it with `jit_train_step`."""
   dtype = compute_dtype(config.train.compute_dtype)
   ema_decay = float(config.optim.ema_decay)
+  ema_warmup = bool(config.optim.ema_warmup)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
     key = jax.random.fold_in(state.rng, state.step)
@@ -183,8 +188,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     (loss, (metrics, carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay) if ema_decay
-           else params)
+    # Warm-up: update n = state.step decays by at most (1 + n) / (10 + n), so the EMA soon forgets
+    # the initial weights.
+    decay = (jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step)) if ema_warmup
+             else ema_decay)
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay) if ema_decay else params
     metrics = {**{k: v.astype(jnp.float32) for k, v in metrics.items()}, "loss": loss,
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
@@ -355,13 +363,16 @@ def check_config(config: ml_collections.ConfigDict):
 
 def check_config_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a config that differs from the workdir's `config.json`, if any, outside
-  RUN_CONTROL_FIELDS. Reads only."""
+  RUN_CONTROL_FIELDS (a field of FIELDS_ADDED_LATER that the file lacks counts as its old value).
+  Reads only."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
     flat = _flatten(new)
+    for k in set(flat) - set(old):
+      old.update({k: v for f, v in FIELDS_ADDED_LATER.items() if k == f or k.endswith("." + f)})
     differ = sorted(k for k in set(old) | set(flat)
                     if old.get(k, "<missing>") != flat.get(k, "<missing>")
                     and not any(k == f or k.startswith(f + ".") for f in RUN_CONTROL_FIELDS))

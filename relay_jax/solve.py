@@ -2,15 +2,16 @@
 
   python -m relay_jax.solve --workdir RUN --puzzles FILE [--tau 0.15] [--out FILE]
 
-FILE: one puzzle per line, 81 characters ('.' or '0' for blanks), optionally a tab and the solution;
-further tab-separated columns (a rating) are ignored. Bad lines (wrong length, bad characters,
-contradicting clues, a wrong solution) are reported with their line number and skipped. Writes one
+FILE: one puzzle per line, n*n characters ('.' or '0' for blanks; n x n the run's grid size: 81 for
+9x9, 36 for 6x6, 16 for 4x4), optionally a tab and the solution; further tab-separated columns (a
+rating) are ignored. Bad lines (wrong length or size, bad characters, contradicting clues, a wrong
+solution) are reported with their line number and skipped. Writes one
 row per puzzle to --out (default FILE.solved), tab-separated under a '#' header:
   line  puzzle  answer  nfe  valid  correct
 valid: 1 when the answer is a complete valid grid keeping every clue; correct: 1 / 0 against the
 file's solution, '-' when the line has none. Prints the counts: puzzles, valid answers, exact
-answers (of those with a solution), cell accuracy and mean NFE. Exit status: 0 done, 1 no valid
-puzzle in the file, 2 bad arguments (a missing run or file).
+answers (of those with a solution), cell accuracy (all cells and blank cells) and mean NFE. Exit
+status: 0 done, 1 no valid puzzle in the file, 2 bad arguments (a missing run or file).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     _fail(f"--workdir {args.workdir} holds a {config.task!r} run, not relay_sudoku")
 
   rows, bad, ignored = [], 0, 0
-  for line in sudoku_data.read_puzzle_file(args.puzzles):
+  size = relay_task.sudoku_size(config)
+  for line in sudoku_data.read_puzzle_file(args.puzzles, size):
     ignored = ignored or line.ignored_columns
     if isinstance(line.puzzle, ValueError):
       print(f"{args.puzzles}:{line.number}: skipped: {line.puzzle}", file=sys.stderr)
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
   if known.any():
     truth = np.stack([r.solution for r in rows if r.solution is not None])
     summary["cell_accuracy"] = float((grids[known] == truth).mean())
+    blank = puzzles[known] == 0
+    summary["blank_accuracy"] = float((grids[known] == truth)[blank].mean()) if blank.any() else 1.0
     text += (f"; {summary['exact']} of {summary['with_solution']} with a solution exactly right "
-             f"(cell accuracy {summary['cell_accuracy']:.1%})")
+             f"(cell accuracy {summary['cell_accuracy']:.1%}, on blank cells "
+             f"{summary['blank_accuracy']:.1%})")
   print(f"{text}; mean NFE {summary['mean_nfe']:.2f}")
   print(f"wrote {out}")
   return summary

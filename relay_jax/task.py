@@ -1,4 +1,4 @@
-"""Relay's trainer tasks: `relay_sudoku` (81-cell puzzles) and `relay_code` (block diffusion over the
+"""Relay's trainer tasks: `relay_sudoku` (n x n puzzles, n from the data config) and `relay_code` (block diffusion over the
 Python standard library's bytes). `config.relay.objective` picks mlm | rollout | relay | relay_sg.
 
 Sudoku tokens: 0 = MASK (a blank), 1-9 digits; the clues are never masked. Code tokens: bytes 0-255,
@@ -18,7 +18,17 @@ from relay_jax import block, objectives, sample, sudoku, unmask
 from relay_jax import code_data, sudoku_data
 from relay_jax.model import RELAY_POSITIONS, RelayTransformer
 
-SUDOKU_MASK, SUDOKU_VOCAB = 0, 10
+SUDOKU_MASK = 0
+
+
+def sudoku_size(config: ml_collections.ConfigDict) -> int:
+  """n of the run's n x n puzzles (from its `sudoku` data config)."""
+  return sudoku_data.grid_size(config.data.config)
+
+
+def sudoku_model(config: ml_collections.ConfigDict) -> RelayTransformer:
+  """The Sudoku denoiser: tokens MASK (= blank) and the digits 1..n."""
+  return build_model(config, sudoku_size(config) + 1, SUDOKU_MASK)
 
 
 def check_objective(config: ml_collections.ConfigDict) -> str:
@@ -53,7 +63,8 @@ def make_loss(config, apply, vocab_mask_id: int, length: int, select=None, block
   if objective == "mlm":
     def loss(params, batch, key, carry):
       value, metrics = objectives.mlm_loss(apply, params, batch["x0"], batch["maskable"],
-                                           vocab_mask_id, key, block_size=block_size)
+                                           vocab_mask_id, key, block_size=block_size,
+                                           weighting=r.mlm_weighting)
       return value, metrics, carry
     return loss, None
 
@@ -61,7 +72,7 @@ def make_loss(config, apply, vocab_mask_id: int, length: int, select=None, block
     return objectives.rollout_loss(apply, params, buffer, batch["x0"], batch["maskable"],
                                    objective=objective, mask_id=vocab_mask_id, rounds=int(r.rounds),
                                    tau=float(r.train_tau), tau_std=float(r.train_tau_std), key=key,
-                                   select=select)
+                                   select=select, tau_jitter=r.tau_jitter)
   init = lambda key: objectives.init_buffer(int(config.train.global_batch_size), length,
                                             int(config.model.width))
   return loss, init
@@ -74,18 +85,18 @@ def sudoku_batch(example: dict) -> dict:
 
 
 def make_solver(config: ml_collections.ConfigDict, model: RelayTransformer | None = None):
-  """Jitted (params, puzzles int [N, 81], tau) -> (grids [N, 81], nfe [N]), in chunks of
+  """Jitted (params, puzzles int [N, n*n], tau) -> (grids [N, n*n], nfe [N]), in chunks of
   config.relay.eval_batch puzzles."""
-  model = model or build_model(config, SUDOKU_VOCAB, SUDOKU_MASK)
+  model = model or sudoku_model(config)
   loop = jax.jit(functools.partial(
       sample.unmask_loop, plain_apply(model), mask_id=SUDOKU_MASK, width=int(config.model.width),
       max_rounds=int(config.relay.max_rounds), use_relay=uses_relay(config)))
   chunk = int(config.relay.eval_batch)
 
-  def solve(params, puzzles_Nx81, tau):
-    puzzles_Nx81 = np.asarray(puzzles_Nx81, np.int32)
-    n = len(puzzles_Nx81)
-    padded = np.concatenate([puzzles_Nx81, np.repeat(puzzles_Nx81[:1], -n % chunk, 0)])
+  def solve(params, puzzles_NxC, tau):
+    puzzles_NxC = np.asarray(puzzles_NxC, np.int32)
+    n = len(puzzles_NxC)
+    padded = np.concatenate([puzzles_NxC, np.repeat(puzzles_NxC[:1], -n % chunk, 0)])
     outs = [loop(params, jnp.asarray(padded[i:i + chunk]), tau=jnp.float32(tau))
             for i in range(0, len(padded), chunk)]
     grids, nfe = (np.concatenate([np.asarray(o[j]) for o in outs])[:n] for j in (0, 1))
@@ -93,19 +104,42 @@ def make_solver(config: ml_collections.ConfigDict, model: RelayTransformer | Non
   return solve
 
 
-def sudoku_metrics(grids_Nx81, solutions_Nx81, nfe_N) -> dict[str, float]:
-  """Exact match, cell accuracy (over all 81 cells), valid-grid fraction, mean NFE."""
-  grids, solutions = np.asarray(grids_Nx81), np.asarray(solutions_Nx81)
-  return {"exact_match": float((grids == solutions).all(1).mean()),
-          "cell_accuracy": float((grids == solutions).mean()),
-          "valid": float(sudoku.valid_solutions(grids).mean()),
-          "nfe": float(np.mean(nfe_N))}
+def authors_nfe(nfe_N, batch_size: int) -> np.ndarray:
+  """The authors' NFE per puzzle, [N] from each puzzle's own rounds nfe_N [N]: their solver runs
+  every puzzle of an evaluation batch (consecutive chunks of `batch_size`, the last one partial)
+  until the batch's slowest is done, plus one final pass, so each puzzle counts its batch's
+  max(rounds) + 1. The mean over puzzles is the mean over batches weighted by batch size."""
+  nfe_N = np.asarray(nfe_N)
+  out_N = np.empty(nfe_N.shape, np.int64)
+  for i in range(0, len(nfe_N), batch_size):
+    out_N[i:i + batch_size] = nfe_N[i:i + batch_size].max() + 1
+  return out_N
+
+
+def sudoku_metrics(grids_NxC, solutions_NxC, nfe_N, puzzles=None,
+                   batch_size: int | None = None) -> dict[str, float]:
+  """Exact match, cell accuracy (over all C cells), valid-grid fraction, mean NFE (each puzzle's own
+  rounds); with the puzzles [N, C], "blank_accuracy" over the cells blank in the puzzle (the
+  authors' cell accuracy: the clues are copied, so counting them hides a near-chance solver); with
+  the evaluation batch size, "nfe_authors" (`authors_nfe`)."""
+  grids, solutions = np.asarray(grids_NxC), np.asarray(solutions_NxC)
+  right = grids == solutions
+  out = {"exact_match": float(right.all(1).mean()), "cell_accuracy": float(right.mean()),
+         "valid": float(sudoku.valid_solutions(grids).mean()), "nfe": float(np.mean(nfe_N))}
+  if puzzles is not None:
+    blank = np.asarray(puzzles) == SUDOKU_MASK
+    out["blank_accuracy"] = float((right & blank).sum() / max(blank.sum(), 1))
+  if batch_size is not None:
+    out["nfe_authors"] = float(authors_nfe(nfe_N, batch_size).mean())
+  return out
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Both Relay tasks' fields with a fixed set of values (before anything is built)."""
   check_objective(config)
-  registry.check_choices(config, {"relay.positions": RELAY_POSITIONS})
+  registry.check_choices(config, {"relay.positions": RELAY_POSITIONS,
+                                  "relay.mlm_weighting": objectives.MLM_WEIGHTINGS,
+                                  "relay.tau_jitter": objectives.TAU_JITTERS})
 
 
 def check_sudoku_config(config: ml_collections.ConfigDict) -> None:
@@ -116,8 +150,9 @@ def check_sudoku_config(config: ml_collections.ConfigDict) -> None:
 @registry.register("relay_sudoku", check=check_sudoku_config)
 def build_sudoku(config: ml_collections.ConfigDict, workdir: str | None = None) -> train.Task:
   del workdir     # needs no other run
-  model = build_model(config, SUDOKU_VOCAB, SUDOKU_MASK)
-  loss, init_carry = make_loss(config, plain_apply(model), SUDOKU_MASK, 81)
+  model = sudoku_model(config)
+  cells = sudoku_size(config) ** 2
+  loss, init_carry = make_loss(config, plain_apply(model), SUDOKU_MASK, cells)
 
   def train_data(process_index, process_count):
     source = data.load_in_memory("sudoku", "train", config=config.data.config)
@@ -131,11 +166,13 @@ def build_sudoku(config: ml_collections.ConfigDict, workdir: str | None = None) 
   solver = make_solver(config, model)
 
   def evaluate(params, step, workdir):
-    grids, nfe = solver(params, test["puzzle"][:size], float(config.relay.eval_tau))
-    return sudoku_metrics(grids, test["solution"][:size], nfe)
+    puzzles = test["puzzle"][:size]
+    grids, nfe = solver(params, puzzles, float(config.relay.eval_tau))
+    return sudoku_metrics(grids, test["solution"][:size], nfe, puzzles,
+                          batch_size=int(config.relay.eval_batch))
 
   return train.Task(
-      init_params=lambda key: model.init(key, jnp.zeros((1, 81), jnp.int32))["params"],
+      init_params=lambda key: model.init(key, jnp.zeros((1, cells), jnp.int32))["params"],
       loss=loss, train_data=train_data, evaluate=evaluate, init_carry=init_carry)
 
 
@@ -150,10 +187,11 @@ def code_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return seq_len // block_size, block_size
 
 
-def code_token_accuracy(config, model, params, tokens_NxL, tau) -> dict[str, float]:
+def code_token_accuracy(config, model, params, tokens_NxL, tau, per_sequence: bool = False) -> dict:
   """Held-out token accuracy and block exact match (all of a block's tokens right) of blocks 1..
   given the true earlier blocks (block 0 is the prompt), and the mean denoising rounds (NFE) per
-  generated block."""
+  generated block; with per_sequence, also per evaluated sequence [n] (a whole number of
+  eval_batch chunks): "exact_blocks_n" (blocks exactly right), "nfe_n" (rounds over its blocks)."""
   num_blocks, block_size = code_shape(config)
   tokens = np.asarray(tokens_NxL, np.int32)
   chunk = min(int(config.relay.eval_batch), len(tokens))
@@ -169,8 +207,11 @@ def code_token_accuracy(config, model, params, tokens_NxL, tau) -> dict[str, flo
     nfe.append(np.asarray(f))
   correct = np.concatenate(correct)
   blocks = correct.reshape(len(correct), num_blocks - 1, block_size)
-  return {"token_accuracy": float(correct.mean()), "block_exact_match": float(blocks.all(-1).mean()),
-          "nfe_per_block": float(np.mean(nfe) / (num_blocks - 1))}
+  out = {"token_accuracy": float(correct.mean()), "block_exact_match": float(blocks.all(-1).mean()),
+         "nfe_per_block": float(np.mean(nfe) / (num_blocks - 1))}
+  if per_sequence:
+    out.update(exact_blocks_n=blocks.all(-1).sum(-1), nfe_n=np.concatenate(nfe))
+  return out
 
 
 def check_code_config(config: ml_collections.ConfigDict) -> None:

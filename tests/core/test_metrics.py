@@ -167,6 +167,22 @@ def test_class_diversity_by_hand(rng):
   np.testing.assert_allclose(metrics.class_diversity(images, np.array([0, 0, 1, 1])), offsets.sum())
 
 
+def test_mean_and_se_and_paired_se_match_numpy(rng):
+  n = int(rng.integers(2, 50))
+  a = rng.normal(3.0, rng.uniform(0.1, 2.0), n)
+  b = a + rng.normal(0.5, 0.1, n)                    # paired: shares a's spread
+  mean, se = metrics.mean_and_se(a)
+  np.testing.assert_allclose(mean, np.mean(a), rtol=1e-12)
+  np.testing.assert_allclose(se, np.std(a, ddof=1) / np.sqrt(n), rtol=1e-12)
+  np.testing.assert_allclose(metrics.paired_se(a, b), np.std(a - b, ddof=1) / np.sqrt(n),
+                             rtol=1e-12)
+  one_mean, one_se = metrics.mean_and_se(a[:1])
+  assert one_mean == a[0] and math.isnan(one_se)
+  assert math.isnan(metrics.paired_se(a[:1], b[:1]))
+  with pytest.raises(ValueError, match="paired values"):
+    metrics.paired_se(a, b[:-1])
+
+
 def test_image_quality_is_per_image_psnr_and_ssim_on_the_unit_range(rng):
   clean, noisy = _image_pair(rng, (3, 24, 24, 3), 1.0)
   x, ref = 2 * noisy - 1, 2 * clean - 1            # the models' [-1, 1]
@@ -359,3 +375,21 @@ def test_colour_metrics_reject_bad_shapes():
     metrics.colour_error(x, x[:1, :4, :4])                        # batch sizes differ
   with pytest.raises(ValueError, match="lr"):
     metrics.colour_error(x[..., :2], x[:, :4, :4, :2])
+
+
+def test_clustered_se_against_a_slow_loop_and_the_binomial_case(rng):
+  f = int(rng.integers(2, 30))
+  n_F = rng.integers(1, 50, f)
+  s_F = rng.binomial(n_F, rng.uniform(0.05, 0.95))
+  p = s_F.sum() / n_F.sum()
+  slow = 0.0
+  for s, n in zip(s_F, n_F):            # the ratio estimator's linearised residual per cluster
+    slow += (s - p * n) ** 2
+  np.testing.assert_allclose(metrics.clustered_se(s_F, n_F),
+                             np.sqrt(f / (f - 1) * slow) / n_F.sum(), rtol=1e-12)
+  # One item per cluster: the binomial se with the small-sample factor.
+  ones = rng.integers(0, 2, f)
+  q = ones.mean()
+  np.testing.assert_allclose(metrics.clustered_se(ones, np.ones(f)),
+                             np.sqrt(q * (1 - q) / f * f / (f - 1)), rtol=1e-12, atol=1e-15)
+  assert np.isnan(metrics.clustered_se([1], [3]))

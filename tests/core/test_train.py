@@ -115,6 +115,51 @@ def test_clipping_ema_and_frozen_leaves(rng):
   assert int(state1.step) == 1
 
 
+def test_ema_warmup_follows_its_formula(rng):
+  """With optim.ema_warmup the update at step n (0, 1, ...) decays by min(d, (1 + n) / (10 + n)),
+  against a float64 loop over the run's own parameters; d = 0.5 is reached at n = 8, so 12 steps
+  see both regimes. Each float32 update rounds within a few eps of the terms' size, and the errors
+  shrink by the decay each step: 12 steps stay far inside 1e-5 of the largest parameter."""
+  target = jnp.asarray(rng.normal(size=(3, 4)) * 10, jnp.float32)
+  init = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+  loss = lambda p, batch, k, c: (jnp.sum((p["a"] - target) ** 2), {}, c)
+  task = train.Task(init_params=lambda k: init, loss=loss, train_data=None)
+  config = _flow_2d_config()
+  assert config.optim.ema_warmup is False                   # the base default: a constant decay
+  config.optim.update({"name": "sgd", "b1": 0.0, "lr": 0.05, "warmup_steps": 0,
+                       "schedule": "constant", "grad_clip_norm": 0.0, "ema_decay": 0.5,
+                       "ema_warmup": True})
+  tx, schedule = train.make_optimizer(config.optim, 12)
+  state = train.init_state(task, tx, jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(task, tx, schedule, config))
+  ema = np.asarray(init["a"], np.float64)
+  scale = np.abs(ema).max()
+  for n in range(12):
+    state, _ = step(state, {})
+    a = np.asarray(state.params["a"], np.float64)
+    decay = min(0.5, (1 + n) / (10 + n))
+    ema = decay * ema + (1 - decay) * a
+    scale = max(scale, np.abs(a).max())
+    np.testing.assert_allclose(state.ema_params["a"], ema, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_field_added_later_keeps_stored_runs_compatible(tmp_path):
+  """A workdir's config.json written before optim.ema_warmup existed (also in a config it embeds)
+  counts as ema_warmup = False: the same config resumes it, one with the warm-up on does not."""
+  config = _flow_2d_config()
+  config.base = _flow_2d_config()
+  stored = json.loads(config.to_json_best_effort())
+  for c in (stored, stored["base"]):
+    del c["optim"]["ema_warmup"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  train.check_config_compatible(str(tmp_path), config)
+  for warm in (config, config.base):
+    warm.optim.ema_warmup = True
+    with pytest.raises(ValueError, match=r"optim.ema_warmup \(False -> True\)"):
+      train.check_config_compatible(str(tmp_path), config)
+    warm.optim.ema_warmup = False
+
+
 def test_update_groups_alternate_and_keep_their_state(rng):
   """Group "gen" steps at 5 and 11 (every 6th step), "critic" at the others, "frozen" never: each moves only at its steps, by SGD on its own gradient, bitwise still otherwise."""
   params = {name: jnp.asarray(rng.normal(size=(3,)), jnp.float32) for name in ("g", "c", "t")}

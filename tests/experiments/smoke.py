@@ -18,7 +18,7 @@ SHARED_RUNS = {
     "flow_2d_smoke": "experiments/configs/flow_2d.py:smoke",
     "digits_smoke": "experiments/configs/flow_images.py:smoke",
     "image_crops_smoke": "experiments/configs/flow_images.py:smoke,image_crops",
-    "relay_sudoku_relay": "experiments/configs/relay_sudoku.py:smoke",
+    "relay_sudoku_relay_s0": "experiments/configs/relay_sudoku.py:smoke",
     "relay_code_relay": "experiments/configs/relay_code.py:smoke",
     # Fine-tunes its sibling flow_2d_smoke (config.grpo.base_workdir is "../flow_2d_smoke").
     "precise_2d_smoke": "experiments/configs/precise_2d.py:smoke",

@@ -242,7 +242,7 @@ def _eval_rows(workdir):
 
 
 # One shared run per task (flow_matching on points and on images, relay_sudoku, relay_code, flow_grpo).
-EVAL_RUNS = ("flow_2d_smoke", "digits_smoke", "relay_sudoku_relay", "relay_code_relay", "precise_2d_smoke")
+EVAL_RUNS = ("flow_2d_smoke", "digits_smoke", "relay_sudoku_relay_s0", "relay_code_relay", "precise_2d_smoke")
 
 
 @pytest.mark.slow

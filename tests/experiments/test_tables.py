@@ -50,29 +50,48 @@ def test_ring_fraction_and_class_diversity(rng):
 
 @pytest.mark.slow
 def test_relay_table_smoke_writes_finite_results(tmp_path, smoke_runs):
-  out = run_table("relay", tmp_path, smoke_runs, ["relay_sudoku_relay", "relay_code_relay"])
-  for name in ("relay.md", "relay.json", "relay_sudoku_tau.png", "relay_code_tau.png"):
+  out = run_table("relay", tmp_path, smoke_runs, ["relay_sudoku_relay_s0", "relay_code_relay"])
+  for name in ("relay.md", "relay.json", "relay_sudoku_tau.png", "relay_sudoku_curve.png",
+               "relay_code_tau.png"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "relay.json").read_text())
-  assert np.all(np.isfinite([x for x in _numbers(result["sudoku"]) + _numbers(result["code"])]))
   for objective in relay.SUDOKU_OBJECTIVES:
-    sweep = result["sudoku"][objective]["sweep"]
-    assert [row["tau"] for row in sweep] == list(relay.SUDOKU_TAUS)
-    assert all(1 <= row["nfe"] <= 8 and 0 <= row["exact_match"] <= 1 for row in sweep)
+    (run,) = result["sudoku"][objective]                  # one seed at the smoke preset
+    assert [row["tau"] for row in run["sweep"]] == list(relay.SUDOKU_TAUS)
+    assert all(1 <= row["nfe"] <= 8 and 0 <= row["exact_match"] <= row["blank_accuracy"] <= 1
+               and row["nfe_authors"] >= row["nfe"] for row in run["sweep"])
+    assert np.all(np.isfinite(_numbers(run["sweep"])))
+  for baseline in relay.BASELINES:     # continued from its equal-steps run, never shorter
+    (run,) = result["wallclock"][baseline]
+    assert run["train"]["steps"] >= result["sudoku"][baseline][0]["train"]["steps"]
+  (held,) = result["holdout"]
+  assert held["puzzles"] == 64 and held["with_solution"] == 64 and held["grid"] == "9x9"
   for objective in relay.CODE_OBJECTIVES:
     sweep = result["code"][objective]["sweep"]
     assert [row["tau"] for row in sweep] == list(relay.CODE_TAUS)
     # A block counts as exact only when all its tokens are right.
     assert all(row["block_exact_match"] <= row["accuracy"] for row in sweep)
+    assert all(sum(row["exact_f"]) == round(row["block_exact_match"] * row["blocks"]) for row in sweep)
     assert sweep[0]["tau"] == 0.0 and sweep[0]["nfe"] == 1.0   # every confidence > 0: one round
 
 
-def test_nfe_at_accuracy_interpolates_along_the_sweep():
-  curve = [{"nfe": 10.0, "acc": 0.2}, {"nfe": 30.0, "acc": 0.6}, {"nfe": 20.0, "acc": 0.5}]
-  assert relay.nfe_at_accuracy(curve, 0.2, "acc") == 10.0
-  np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.35, "acc"), 15.0)
-  np.testing.assert_allclose(relay.nfe_at_accuracy(curve, 0.55, "acc"), 25.0)
-  assert relay.nfe_at_accuracy(curve, 0.7, "acc") is None
+def _run(nfe_em):
+  return {"sweep": [{"tau": t, "nfe": n, "exact_match": e} for t, (n, e) in zip(relay.SUDOKU_TAUS, nfe_em)]}
+
+
+def test_nfe_saving_reads_each_seed_at_the_best_baselines_exact_match():
+  equal = {"mlm": [_run([(20, 0.1), (10, 0.05)]), _run([(20, 0.3), (12, 0.2)])],
+           "rollout": [_run([(30, 0.2), (15, 0.1)]), _run([(25, 0.1)])],
+           "relay": [_run([(8, 0.5), (4, 0.1)]), _run([(6, 0.25), (10, 0.35)])]}
+  s = relay.nfe_saving(equal)
+  first, second = s["per_seed"]
+  assert first["baseline"] == "rollout" and first["exact_match"] == 0.2 and first["baseline_nfe"] == 30
+  np.testing.assert_allclose(first["relay_nfe"], 4 + 4 * (0.2 - 0.1) / 0.4)   # interpolated
+  assert second["baseline"] == "mlm" and second["baseline_nfe"] == 20
+  np.testing.assert_allclose(second["relay_nfe"], 6 + 4 * 0.05 / 0.1)
+  savings = [1 - first["relay_nfe"] / 30, 1 - second["relay_nfe"] / 20]
+  np.testing.assert_allclose(s["saving_mean"], np.mean(savings))
+  np.testing.assert_allclose(s["saving_se"], np.std(savings, ddof=1) / np.sqrt(2))
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
 """relay_jax.model (the relay channel, SUBS logits, KV prefix) and relay_jax.objectives (MDLM
-masking and weights against closed forms, buffer refill, which gradients cross relay edges)."""
+masking and weights against closed forms, the unweighted loss against a slow reference, tau jitter,
+buffer refill, which gradients cross relay edges)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from relay_jax import objectives
+from relay_jax import objectives, unmask
 from relay_jax.model import RelayTransformer
 
 MASK = 0
@@ -100,8 +103,89 @@ def test_mdlm_mask_rate_and_loss_weight(key):
   np.testing.assert_allclose(slope, [1.0, 0.0], atol=0.02)
   uniform = lambda params, x, h, k, clean: (jnp.zeros(x.shape + (10,)).at[..., MASK].set(-jnp.inf), None)
   x0 = jax.random.randint(k_x0, (b, length), 1, 10)
-  loss, _ = objectives.mlm_loss(uniform, None, x0, maskable, MASK, k_loss)
+  loss, _ = objectives.mlm_loss(uniform, None, x0, maskable, MASK, k_loss,
+                                weighting="mdlm")
   np.testing.assert_allclose(float(loss), np.log(9.0), rtol=0.03)
+
+
+def test_unweighted_mlm_loss_is_the_pooled_mean_over_masked_tokens(key, rng):
+  """The authors' loss against float64 numpy: sum of CE over every masked token of the batch / their
+  count (rows with few or many masked tokens weigh by their count: a per-row mean, or a 1/t
+  weight, gives another value). The apply records the state it sees, naming the masked cells."""
+  b, length = 8, 30
+  emb, pos = rng.normal(size=(10, 10)), rng.normal(size=(length, 10))
+  seen = []
+
+  def apply(params, x, h, k, clean):
+    seen.append(np.asarray(x))
+    logits = jnp.asarray(emb, jnp.float32)[x] + jnp.asarray(pos, jnp.float32)
+    return logits.at[..., MASK].set(-jnp.inf), None
+  x0 = rng.integers(1, 10, (b, length))
+  maskable = rng.uniform(size=(b, length)) < rng.uniform(0.2, 1.0, (b, 1))
+  mlm = lambda weighting: objectives.mlm_loss(apply, None, jnp.asarray(x0), jnp.asarray(maskable),
+                                              MASK, key, weighting=weighting)
+  loss, metrics = mlm("unweighted")
+  (x_t,) = seen
+  masked = x_t == MASK
+  assert not (masked & ~maskable).any() and (x_t[~masked] == x0[~masked]).all()
+  logits = emb[x_t] + pos
+  logits[..., MASK] = -np.inf
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  ce = logz - np.take_along_axis(logits, x0[..., None], -1)[..., 0]
+  count = max(masked.sum(), 1)
+  np.testing.assert_allclose(float(loss), (ce * masked).sum() / count, rtol=1e-5)
+  right = (logits.argmax(-1) == x0) & masked
+  np.testing.assert_allclose(float(metrics["masked_accuracy"]), right.sum() / count, rtol=1e-6)
+  with pytest.raises(ValueError, match="weighting"):
+    mlm("elbo")
+
+
+# 20000 draws of both modes' budgets N(0.15, 0.1^2) for 4 rows, [20000, 2, 4], in one program.
+_jitter_draws = jax.jit(lambda key: jax.vmap(lambda k: jnp.stack(
+    [objectives.jitter_tau(k, 0.15, 0.1, 4, mode) for mode in objectives.TAU_JITTERS]))(
+        jax.random.split(key, 20000)))
+
+
+def test_tau_jitter_one_draw_per_round_for_the_batch_or_per_row(key, rng):
+  """jitter_tau draws N(0.15, 0.1^2) clipped at 0: shared by the rows ("batch") or independent per
+  row ("row"), against the clipped normal's closed forms: P(0) = Phi(-1.5) and mean
+  mu Phi(mu / s) + s phi(mu / s). Bounds: over 20000 batch draws the zero fraction's and the mean's
+  standard errors are 0.0018 and 0.0007 (0.0009 and 0.0003 over the 80000 row draws), so the
+  tolerances 0.01 and 0.004 are >= 5.5 standard errors; the correlation of two rows (standard error
+  0.007) is allowed 0.05. rollout_loss hands each round's draw to its select rule."""
+  mu, s = 0.15, 0.1
+  p_zero = 0.5 * (1 + math.erf(-mu / s / math.sqrt(2)))
+  mean = mu * (1 - p_zero) + s * math.exp(-0.5 * (mu / s) ** 2) / math.sqrt(2 * math.pi)
+  draws_Nx2xB = np.asarray(_jitter_draws(key))
+  for row in (False, True):
+    tau_NxB = draws_Nx2xB[:, objectives.TAU_JITTERS.index("row" if row else "batch")]
+    assert tau_NxB.shape == (20000, 4) and (tau_NxB >= 0).all()
+    if row:
+      assert abs(np.corrcoef(tau_NxB[:, 0], tau_NxB[:, 1])[0, 1]) < 0.05
+    else:
+      np.testing.assert_array_equal(tau_NxB, tau_NxB[:, :1].repeat(4, 1))
+    np.testing.assert_allclose((tau_NxB == 0).mean(), p_zero, atol=0.01)
+    np.testing.assert_allclose(tau_NxB.mean(), mean, atol=0.004)
+  with pytest.raises(ValueError, match="tau_jitter"):
+    objectives.jitter_tau(key, mu, s, 4, "step")
+
+  apply, params, calls = _probed_apply(rng)
+  x0 = jnp.asarray(rng.integers(1, 10, size=(4, 12)))
+  maskable = jnp.asarray(rng.uniform(size=(4, 12)) < 0.8).at[:, :2].set(True)
+  for mode in objectives.TAU_JITTERS:
+    budgets = []
+
+    def select(conf, masked, tau_B):
+      budgets.append(np.asarray(tau_B))
+      return unmask.select_cumulative(conf, masked, tau_B)
+    calls.clear()
+    # tau = 0.5 with s = 0.2: a clipped draw (which two rows could share) has probability 0.6%.
+    objectives.rollout_loss(apply, params, objectives.init_buffer(4, 12, 8), x0, maskable,
+                            objective="relay", mask_id=MASK, rounds=2, tau=0.5, tau_std=0.2,
+                            key=key, select=select, tau_jitter=mode)
+    assert len(budgets) == 2
+    for tau_B in budgets:
+      assert (len(set(tau_B.tolist())) == 1) == (mode == "batch"), (mode, tau_B)
 
 
 def test_refill_replaces_only_finished_rows(rng):

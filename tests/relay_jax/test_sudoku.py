@@ -82,9 +82,10 @@ def test_parse_and_format_round_trip(rng):
   assert sudoku.parse_puzzle(text).dtype == np.int8
 
 
-@pytest.mark.parametrize("length", [0, 80, 82])
+@pytest.mark.parametrize("length", [0, 15, 25, 49, 80, 82])
 def test_parse_rejects_wrong_length(length):
-  with pytest.raises(ValueError, match=f"81 characters, got {length}"):
+  expected = rf"a puzzle has 16, 36, 64, 81 characters \(n x n, n in \(4, 6, 8, 9\)\), got {length}$"
+  with pytest.raises(ValueError, match=expected):
     sudoku.parse_puzzle("." * length)
 
 

@@ -18,7 +18,8 @@ def tiny(tmp_path_factory):
 
 def test_registered_under_its_tfds_name():
   assert registry.BUILDERS["sudoku"] is sudoku_data.Sudoku
-  assert core.data.config_names("sudoku") == ["small", "graded", "large", "tiny"]
+  assert core.data.config_names("sudoku") == ["small", "graded", "large", "tiny", "small6", "tiny6",
+                                               "tiny4"]
   registry.register_builder("sudoku", sudoku_data.Sudoku)  # Again: a no-op.
   with pytest.raises(ValueError, match="already registered as Sudoku"):
     registry.register_builder("sudoku", registry.BUILDERS["digits"])
@@ -134,10 +135,10 @@ def test_read_puzzle_file_reports_bad_lines_by_number(tmp_path, rng):
   assert [r.ignored_columns for r in records if r.number in (4, 8)] == [0, 1]
   errors = {r.number: str(r.puzzle) for r in records if isinstance(r.puzzle, ValueError)}
   assert all(r.solution is None for r in records if r.number in errors)
-  assert "81 characters, got 80" in errors[5]
+  assert "a puzzle has 16, 36, 64, 81 characters (n x n, n in (4, 6, 8, 9)), got 80" in errors[5]
   assert "'x' at position 8 (row 1, column 8)" in errors[6]
   assert errors[7] == "contradicting clues: digit 5 twice in row 1"
-  assert errors[9] == "solution: a puzzle has 81 characters, got 80"
+  assert errors[9] == "solution: a 9x9 puzzle has 81 characters, got 80"
   assert "where the puzzle's clue is" in errors[10]
   assert errors[11] == "solution: not a complete valid grid"
 

@@ -47,12 +47,13 @@ def _budgets_clear_of_sums(rng, conf, masked, low_B, high, margin=1e-4):
   return tau_B
 
 
-def test_select_cumulative_matches_loop(rng):
-  conf = rng.uniform(size=(16, 81)).astype(np.float32)
+@pytest.mark.parametrize("cells", [81, 36, 16])          # 9x9, 6x6 and 4x4 grids
+def test_select_cumulative_matches_loop(cells, rng):
+  conf = rng.uniform(size=(16, cells)).astype(np.float32)
   conf[:, ::7] = conf[:, 3:4]                           # ties
   conf[0] = 0.999                                        # a confident row reveals many cells
-  masked = rng.uniform(size=(16, 81)) < rng.uniform(size=(16, 1))
-  masked[0, rng.choice(81, 2, replace=False)] = True     # ... at least two
+  masked = rng.uniform(size=(16, cells)) < rng.uniform(size=(16, 1))
+  masked[0, rng.choice(cells, 2, replace=False)] = True  # ... at least two
   masked[1] = False                                      # a finished row reveals nothing
   # Row 0's budget (>= 0.01) takes several of its uncertainties (0.001 each).
   tau = _budgets_clear_of_sums(rng, conf, masked, np.r_[0.01, np.zeros(15)], 0.5)
@@ -139,20 +140,20 @@ def unmask_loop_python(apply, params, x, *, tau, width, max_rounds, use_relay):
   return x, nfe, clear
 
 
-@pytest.mark.parametrize("use_relay", [True, False])
-@pytest.mark.parametrize("max_rounds", [64, 5])
-def test_unmask_loop_matches_python_loop(use_relay, max_rounds, rng):
+@pytest.mark.parametrize("use_relay, max_rounds, n", [(True, 64, 9), (False, 64, 9), (True, 5, 9),
+                                                      (False, 5, 9), (True, 64, 6), (False, 5, 4)])
+def test_unmask_loop_matches_python_loop(use_relay, max_rounds, n, rng):
   # Row 0 has one masked cell (done after one round); row 1 has tau = 0 (one cell per round) and at
   # least two: rows stop at different rounds. A draw whose decisions come near a tie (rare) is
   # redrawn, so that both loops must take the same decisions.
   tau_B = np.full(6, 0.15, np.float32)
   tau_B[1] = 0.0
   for _ in range(100):
-    params = _toy_params(rng)
-    clues = rng.integers(1, 10, size=(6, 81))
-    masked = rng.uniform(size=(6, 81)) < rng.uniform(0.1, 0.9, size=(6, 1))
-    masked[0] = np.arange(81) == rng.integers(81)
-    masked[1, rng.choice(81, 2, replace=False)] = True
+    params = _toy_params(rng, vocab=n + 1)          # MASK and the digits 1..n of an n x n grid
+    clues = rng.integers(1, n + 1, size=(6, n * n))
+    masked = rng.uniform(size=(6, n * n)) < rng.uniform(0.1, 0.9, size=(6, 1))
+    masked[0] = np.arange(n * n) == rng.integers(n * n)
+    masked[1, rng.choice(n * n, 2, replace=False)] = True
     x = np.where(masked, 0, clues)
     want_x, want_nfe, clear = unmask_loop_python(_toy_apply, params, x, tau=tau_B, width=8,
                                                  max_rounds=max_rounds, use_relay=use_relay)
