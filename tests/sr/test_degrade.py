@@ -156,9 +156,13 @@ def test_degrade_is_reproducible_in_range_and_per_example(rng, seed):
   np.testing.assert_allclose(a["lr"][1], alone * 2 - 1, atol=1e-6)
   np.testing.assert_allclose(a["hr"][1], degrade.usm_sharp(hr[1].astype(np.float64)) * 2 - 1, atol=1e-5)
   assert not np.array_equal(degrade.degrade_batch(hr, seed + 1)["lr"], a["lr"])
-  # The LR still resembles the HR's downsampled content (degraded, not replaced).
-  small = hr.reshape(3, 16, 4, 16, 4, 3).mean((2, 4)) * 2 - 1
-  assert np.corrcoef(a["lr"].ravel(), small.ravel())[0, 1] > 0.3
+  # The LR still resembles the HR's downsampled content (degraded, not replaced). One image's
+  # correlation falls below 0.3 in ~2% of draws (strong noise on a flat image), so the check takes
+  # the median over 16 images: at least 8 of 16 below 0.3 has probability ~2e-10.
+  hr16 = np.stack([_photo(rng) for _ in range(16)]).astype(np.float32)
+  lr16 = degrade.degrade_batch(hr16, seed)["lr"]
+  small = hr16.reshape(16, 16, 4, 16, 4, 3).mean((2, 4)) * 2 - 1
+  assert np.median([np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(lr16, small)]) > 0.3
 
 
 def test_bad_inputs_are_named():
