@@ -111,7 +111,10 @@ def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advanta
     advantages_B: [B]; steps_K: int [K] indices of stochastic steps (choose_steps).
     method, eta: the sampler traj was drawn with.
     clip_range: PPO's e; beta: weight of the KL to ref_velocity_fn (required when beta > 0).
-    use_ratio_norm: GRPO-Guard's RatioNorm on the log-ratios.
+    use_ratio_norm: ratio normalisation as in Precise's public trainer: GRPO-Guard's RatioNorm on
+      the log-ratios, and each step's loss divided by that step's |d mean / d v|
+      (`samplers.mean_velocity_gain`, no gradient), which gives every step and sampler the same
+      gradient scale per unit of velocity.
   Returns:
     (scalar loss, {"policy_loss", "kl", "clip_frac"}).
   """
@@ -135,10 +138,15 @@ def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advanta
     kl = jnp.zeros((batch,), jnp.float32)
     if beta > 0:
       kl = kl_to_reference(mean, jax.lax.stop_gradient(means(ref_velocity_fn, x, t, s)[0]), std)
-    return log_ratio, kl
+    gain = samplers.mean_velocity_gain(method, t, s, eta, x[:1]).mean()
+    return log_ratio, kl, gain
 
-  log_ratio_KxB, kl_KxB = jax.vmap(per_step)(x_K, x_next_K, t_K, s_K, old_mean_K, old_logp_K)
-  surrogate = clipped_surrogate(log_ratio_KxB, advantages_B, clip_range)
+  log_ratio_KxB, kl_KxB, gain_K = jax.vmap(per_step)(x_K, x_next_K, t_K, s_K, old_mean_K, old_logp_K)
+  if use_ratio_norm:      # per step: the batch's clipped surrogate / |d mean / d v|, then the mean
+    surrogate = jax.vmap(clipped_surrogate, (0, None, None))(log_ratio_KxB, advantages_B, clip_range)
+    surrogate = (surrogate / jax.lax.stop_gradient(gain_K)).mean()
+  else:
+    surrogate = clipped_surrogate(log_ratio_KxB, advantages_B, clip_range)
   kl = kl_KxB.mean()
   clip_frac = (jnp.abs(jnp.exp(log_ratio_KxB) - 1) > clip_range).mean()
   return surrogate + beta * kl, {"policy_loss": surrogate, "kl": kl, "clip_frac": clip_frac}

@@ -117,6 +117,19 @@ def sde_step(method: str, x: jax.Array, v: jax.Array, t, s, noise: jax.Array, et
   return (mean + std * noise).astype(x.dtype), mean, std
 
 
+def mean_velocity_gain(method: str, t, s, eta, like: jax.Array) -> jax.Array:
+  """|d mean / d v| of `method`'s step t -> s: every step's mean is affine in v with one scalar
+  coefficient (Euler: dt; Flow-GRPO and Dance: dt - std^2 (1 - t) / (2 t); CPS and Precise:
+  -t (1 - s) + (1 - t) sqrt(s^2 - std^2)), read off `sde_step` by a JVP in the direction of ones.
+  Precise's ratio normalisation divides each step's loss by it (its public code's `grpo_guard`).
+
+  like: an array shaped like the state ([B, ...]); returns |coefficient| broadcast to it.
+  """
+  zeros, ones = jnp.zeros_like(like), jnp.ones_like(like)
+  _, gain = jax.jvp(lambda v: sde_step(method, zeros, v, t, s, zeros, eta)[1], (zeros,), (ones,))
+  return jnp.abs(gain)
+
+
 def gaussian_log_prob(x_next: jax.Array, mean: jax.Array, std) -> jax.Array:
   """log N(x_next; mean, std^2 I) averaged (not summed) over the non-batch dims, in float32: [B].
 
@@ -169,6 +182,12 @@ def window_mask(num_steps: int, sde_window=None) -> jax.Array:
   return mask
 
 
+def trainable_steps(sde_mask: jax.Array) -> jax.Array:
+  """bool [T]: the stochastic steps GRPO may train on, i.e. sde_mask without the last step (which
+  the public pipelines sample but never train: they train the first int(0.99 T) steps)."""
+  return sde_mask.at[-1].set(False)
+
+
 def guided_velocity(velocity_fn: Callable[..., jax.Array], cond: Any = None, null_cond: Any = None,
                     cfg_scale=1.0) -> flow.VelocityFn:
   """(x, t_B) -> v from velocity_fn(x, t_B, cond); with CFG (core.flow.guided) when cfg_scale != 1."""
@@ -180,7 +199,7 @@ def guided_velocity(velocity_fn: Callable[..., jax.Array], cond: Any = None, nul
 
 
 def sample(velocity_fn: flow.VelocityFn, x_T: jax.Array, grid, key: jax.Array, *, method: str, eta,
-           sde_window=None) -> Trajectory:
+           sde_window=None, sde_last_step: bool = False) -> Trajectory:
   """Samples one trajectory along `grid` with `method` on the SDE window and Euler elsewhere.
 
   Args:
@@ -191,6 +210,10 @@ def sample(velocity_fn: flow.VelocityFn, x_T: jax.Array, grid, key: jax.Array, *
     method: one of METHODS ("ode" makes every step Euler).
     eta: the method's noise level.
     sde_window: see `window_mask`.
+    sde_last_step: also sample the last step (to grid[-1]) with the SDE, as the public Flow-GRPO and
+      Precise pipelines do for every sampler (Flow-GRPO's and Dance's samples then end noisy; CPS's
+      and Precise's step there is deterministic anyway, so for them it is refused). It is not a
+      training step (`trainable_steps`).
   Returns:
     Trajectory. With method "ode", or an empty window, x0 equals core.flow.euler_sample's.
   Raises:
@@ -200,7 +223,12 @@ def sample(velocity_fn: flow.VelocityFn, x_T: jax.Array, grid, key: jax.Array, *
   grid = flow.check_grid(grid)
   num_steps = grid.shape[0] - 1
   check_step_args(method, grid[:-1], grid[1:], eta)
-  mask = window_mask(num_steps, sde_window) & (method != "ode")
+  if sde_last_step and method in DETERMINISTIC_AT_ZERO:
+    raise ValueError(f"sde_last_step: the step to t = 0 is deterministic for method={method!r}")
+  mask = window_mask(num_steps, sde_window)
+  if sde_last_step:
+    mask = mask.at[-1].set(True)
+  mask = mask & (method != "ode")
   grid_np, mask_np = _concrete(grid), _concrete(mask)
   if (method in DETERMINISTIC_AT_ZERO and grid_np is not None and mask_np is not None
       and np.any(mask_np & (grid_np[1:] == 0))):

@@ -70,6 +70,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   registry.check_choices(config, {"grpo.sampler": sde_methods, "grpo.window_kind": grpo.WINDOW_KINDS,
                                   "grpo.reward": rewards.REWARDS})
   num_train_steps(config)
+  if config.grpo.sde_last_step and config.grpo.sampler in samplers.DETERMINISTIC_AT_ZERO:
+    raise ValueError(f"config.grpo.sde_last_step=True, but the step to t = 0 is deterministic for "
+                     f"config.grpo.sampler={config.grpo.sampler!r}; expected False")
   if int(config.grpo.updates_per_batch) < 1:
     raise ValueError(f"config.grpo.updates_per_batch={config.grpo.updates_per_batch}; expected >= 1")
   flow_task.check_config(config.base)
@@ -129,7 +132,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     x_T = grpo.group_noise(noise_key, y_N.shape[0] // group, group, shape, same_noise=gc.same_noise)
     old_policy = velocity(apply_fn(jax.lax.stop_gradient(params)), y_N)
     traj = samplers.sample(old_policy, x_T, grid, sample_key, method=gc.sampler, eta=float(gc.eta),
-                           sde_window=sde_mask(iteration // updates, window_key))
+                           sde_window=sde_mask(iteration // updates, window_key),
+                           sde_last_step=bool(gc.sde_last_step))
     reward_N = reward_fn(traj.x0, y_N)
     adv_N = grpo.group_advantages(reward_N.reshape(-1, group), global_std=gc.global_std,
                                   eps=float(gc.adv_eps), clip=float(gc.adv_clip)).reshape(-1)
@@ -160,7 +164,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
         stds=jnp.moveaxis(mine["stds"], 1, 0), log_probs=jnp.moveaxis(mine["log_probs"], 1, 0),
         sde_mask=mine["sde_mask"][0], times=grid, x0=mine["xs"][:, -1])
     ref = velocity(reference, mine["y"]) if float(gc.beta) > 0 else None
-    steps_K = grpo.choose_steps(steps_key, traj.sde_mask, k_train)
+    steps_K = grpo.choose_steps(steps_key, samplers.trainable_steps(traj.sde_mask), k_train)
     value, metrics = grpo.policy_loss(
         velocity(apply_fn(params), mine["y"]), traj, mine["adv"], steps_K, method=gc.sampler,
         eta=float(gc.eta), clip_range=float(gc.clip_range), beta=float(gc.beta), ref_velocity_fn=ref,
@@ -210,7 +214,8 @@ def make_evaluator(config, policy, shape, num_classes, reward_fn, grid):
   def run(params):
     fn = policy(params, y)
     ode = flow.euler_sample(fn, x_T, grid)
-    sde = samplers.sample(fn, x_T, grid, sde_key, method=gc.sampler, eta=float(gc.eta)).x0
+    sde = samplers.sample(fn, x_T, grid, sde_key, method=gc.sampler, eta=float(gc.eta),
+                          sde_last_step=bool(gc.sde_last_step)).x0
     return reward_fn(ode, y).mean(), reward_fn(sde, y).mean()
 
   def evaluate_rewards(params):

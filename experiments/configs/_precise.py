@@ -1,6 +1,9 @@
 """The GRPO fields shared by `precise_2d` and `precise_digits` (task "flow_grpo", flowrl/task.py).
 
-Each sampler keeps the published recipe it comes with (its noise level, PPO clip range and KL weight):
+Each sampler keeps the published recipe it comes with (its noise level, PPO clip range and KL weight;
+`sde_last_step`: the step to t = 0 sampled with the SDE, untrained, as the Flow-GRPO and Precise
+pipelines do, which leaves Flow-GRPO's and Dance's samples noisy; CPS's and Precise's step there is
+deterministic. DanceGRPO's own pipeline decodes the last step's x0 estimate instead):
   flow_grpo  Flow-GRPO (arXiv 2505.05470): a = 0.7, clip 1e-4, beta 0.04, trains 99% of the steps.
   dance      DanceGRPO (arXiv 2505.07818): eta = 0.3, clip 1e-4, beta 0, same noise per group,
              trains 60% of the steps.
@@ -14,13 +17,15 @@ from experiments.configs import _base
 
 SAMPLER_DEFAULTS = {     # precise first: the configs' default variant
     "precise": {"eta": 1.5, "clip_range": 4e-6, "beta": 0.0, "timestep_fraction": 0.99,
-                "same_noise": False},
+                "same_noise": False, "sde_last_step": False},
     "flow_grpo": {"eta": 0.7, "clip_range": 1e-4, "beta": 0.04, "timestep_fraction": 0.99,
-                  "same_noise": False},
-    "dance": {"eta": 0.3, "clip_range": 1e-4, "beta": 0.0, "timestep_fraction": 0.6, "same_noise": True},
-    "cps": {"eta": 0.8, "clip_range": 1e-4, "beta": 0.04, "timestep_fraction": 0.99, "same_noise": False},
+                  "same_noise": False, "sde_last_step": True},
+    "dance": {"eta": 0.3, "clip_range": 1e-4, "beta": 0.0, "timestep_fraction": 0.6, "same_noise": True,
+              "sde_last_step": True},
+    "cps": {"eta": 0.8, "clip_range": 1e-4, "beta": 0.04, "timestep_fraction": 0.99, "same_noise": False,
+            "sde_last_step": False},
     "dance_precise": {"eta": 0.3, "clip_range": 4e-6, "beta": 0.0, "timestep_fraction": 0.99,
-                      "same_noise": False},
+                      "same_noise": False, "sde_last_step": False},
 }
 SAMPLERS = tuple(SAMPLER_DEFAULTS)
 

@@ -335,3 +335,44 @@ def test_configs_keep_the_published_sampler_recipes():
   bad.grpo.window_size = 10
   with pytest.raises(ValueError, match="window_size"):
     grpo_task.num_train_steps(bad)
+
+
+@pytest.mark.parametrize("method, eta", [("precise", 1.5), ("flow_grpo", 0.7)])
+def test_ratio_norm_policy_loss_divides_each_step_by_its_mean_velocity_gain(rng, method, eta):
+  """Precise's trainer: per step, ratio = exp(std (dlogp + mean |dmu|^2 / (2 std^2))), the batch's
+  surrogate -A ratio (the clip far away), divided by |d mean / d v|; the steps' mean. float64."""
+  theta0 = rng.standard_normal(3).astype(np.float32)
+  theta1 = theta0 + rng.uniform(0.05, 0.2, 3).astype(np.float32) * rng.choice([-1, 1], 3)
+  x_T = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+  grid = flow.time_grid(5, shift=3.0)
+  adv = rng.standard_normal(8).astype(np.float32)
+  steps = jnp.array([0, 2, 3])
+  const = lambda theta: (lambda x, t: jnp.broadcast_to(jnp.asarray(theta), x.shape))
+  traj = samplers.sample(const(theta0), x_T, grid, jax.random.key(int(rng.integers(1 << 30))),
+                         method=method, eta=eta)
+  value, _ = grpo.policy_loss(const(theta1), traj, jnp.asarray(adv), steps, method=method, eta=eta,
+                              clip_range=10.0, use_ratio_norm=True)
+  xs, g = np.asarray(traj.xs, np.float64), np.asarray(grid, np.float64)
+  from tests.flowrl.test_samplers import reference_step
+  per_step = []
+  for k in np.asarray(steps):
+    t, s = g[k], g[k + 1]
+    (m_old, std), (m_new, _) = (reference_step(method, xs[k], np.broadcast_to(th, xs[k].shape), t, s,
+                                               eta) for th in (theta0, theta1))
+    logp = lambda m: (-0.5 * ((xs[k + 1] - m) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).mean(1)
+    normalised = std * (logp(m_new) - logp(m_old) + ((m_new - m_old) ** 2).mean(1) / (2 * std ** 2))
+    gain = abs(reference_step(method, np.zeros((1, 3)), np.ones((1, 3)), t, s, eta)[0]
+               - reference_step(method, np.zeros((1, 3)), np.zeros((1, 3)), t, s, eta)[0]).mean()
+    per_step.append(np.mean(-adv * np.exp(normalised)) / gain)
+  np.testing.assert_allclose(float(value), np.mean(per_step), rtol=1e-4,
+                             atol=1e-5 * np.mean(np.abs(per_step)))
+
+
+def test_sde_last_step_defaults_and_refusal():
+  for sampler, noisy in (("flow_grpo", True), ("dance", True), ("cps", False), ("precise", False)):
+    assert precise_2d.get_config(f"cpu,{sampler}").grpo.sde_last_step is noisy
+  config = precise_2d.get_config("smoke,precise")
+  config.grpo.sde_last_step = True
+  with pytest.raises(ValueError, match="config.grpo.sde_last_step=True, but the step to t = 0 is "
+                                       "deterministic for config.grpo.sampler='precise'"):
+    grpo_task.check_config(config)

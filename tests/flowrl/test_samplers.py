@@ -242,3 +242,43 @@ def test_bad_input_raises_clear_errors():
     samplers.guided_velocity(lambda x, t, y: x, jnp.zeros(2, jnp.int32), None, 2.0)
   # Traced values are not checked (no error under jit, where they are unknown).
   jax.jit(lambda s: samplers.sde_step("precise", x, x, 0.5, s, x, 1.0))(0.2)
+
+
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_mean_velocity_gain_is_the_slope_of_the_reference_mean(rng, method):
+  # The mean is affine in v with one scalar slope: the float64 reference's mean(v = 1) - mean(v = 0).
+  t = float(_f32(rng.choice([1.0, rng.uniform(0.2, 0.95)])))
+  s = float(_f32(rng.uniform(0.0, 0.9) * t))
+  eta = float(_f32(rng.uniform(0.2, 1.6)))
+  x = np.zeros((2, 3))
+  slope = (reference_step(method, x, np.ones_like(x), t, s, eta)[0]
+           - reference_step(method, x, np.zeros_like(x), t, s, eta)[0])
+  got = samplers.mean_velocity_gain(method, t, s, eta, jnp.zeros((2, 3), jnp.float32))
+  np.testing.assert_allclose(got, np.abs(slope), rtol=2e-5, atol=1e-6)
+  if method == "ode":
+    np.testing.assert_allclose(got, t - s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "dance"])
+def test_sde_last_step_ends_noisy_and_is_not_trainable(key, method):
+  fn = _velocity(key)
+  x_T = jax.random.normal(key, (64, 3))
+  grid = flow.time_grid(5)
+  eta = {"flow_grpo": 0.7, "dance": 0.3}[method]
+  traj = samplers.sample(fn, x_T, grid, key, method=method, eta=eta, sde_last_step=True)
+  np.testing.assert_array_equal(traj.sde_mask, [True] * 5)
+  np.testing.assert_array_equal(samplers.trainable_steps(traj.sde_mask), [True] * 4 + [False])
+  t = float(grid[-2])
+  want = eta * np.sqrt(t / (1 - t)) * np.sqrt(t) if method == "flow_grpo" else eta * np.sqrt(t)
+  np.testing.assert_allclose(traj.stds[-1], want, rtol=1e-5)
+  # The last transition is mean + std * z with its own noise: the residual is std * N(0, 1).
+  z = (traj.x0 - traj.means[-1]) / want
+  assert 0.5 < float(jnp.std(z)) < 1.5
+  plain = samplers.sample(fn, x_T, grid, key, method=method, eta=eta)
+  np.testing.assert_allclose(plain.xs[:-1], traj.xs[:-1], rtol=1e-6, atol=1e-6)  # same until then
+  x = traj.xs[-2]
+  _, mean, _ = samplers.sde_step(method, x, fn(x, jnp.full((64,), t)), t, 0.0, jnp.zeros_like(x), eta)
+  np.testing.assert_allclose(traj.means[-1], mean, rtol=1e-5, atol=1e-6)     # the SDE's own mean
+  for deterministic in ("cps", "precise"):
+    with pytest.raises(ValueError, match="sde_last_step"):
+      samplers.sample(fn, x_T, grid, key, method=deterministic, eta=0.8, sde_last_step=True)
