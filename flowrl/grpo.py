@@ -138,7 +138,7 @@ def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advanta
     kl = jnp.zeros((batch,), jnp.float32)
     if beta > 0:
       kl = kl_to_reference(mean, jax.lax.stop_gradient(means(ref_velocity_fn, x, t, s)[0]), std)
-    gain = samplers.mean_velocity_gain(method, t, s, eta, x[:1]).mean()
+    gain = samplers.mean_velocity_gain(method, t, s, eta, x[:1]).mean() if use_ratio_norm else 1.0
     return log_ratio, kl, gain
 
   log_ratio_KxB, kl_KxB, gain_K = jax.vmap(per_step)(x_K, x_next_K, t_K, s_K, old_mean_K, old_logp_K)

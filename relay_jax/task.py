@@ -1,7 +1,8 @@
-"""Relay's trainer tasks: `relay_sudoku` (n x n puzzles, n from the data config) and `relay_code` (block diffusion over the
-Python standard library's bytes). `config.relay.objective` picks mlm | rollout | relay | relay_sg.
+"""Relay's trainer tasks: `relay_sudoku` (n x n puzzles, n from the data config) and `relay_code`
+(block diffusion over the Python standard library's bytes). `config.relay.objective` picks mlm |
+rollout | relay | relay_sg.
 
-Sudoku tokens: 0 = MASK (a blank), 1-9 digits; the clues are never masked. Code tokens: bytes 0-255,
+Sudoku tokens: 0 = MASK (a blank), 1-n digits; the clues are never masked. Code tokens: bytes 0-255,
 MASK = 256; every position is maskable.
 """
 from __future__ import annotations

@@ -129,6 +129,15 @@ def over_seeds(results: list[dict], key: str, tau: float = DEFAULT_TAU) -> tuple
   return metrics.mean_and_se([at_tau(r, tau)[key] for r in results])
 
 
+def nfe_to_reach(points, target: float) -> float | None:
+  """The NFE at which (nfe, accuracy) points, sorted by NFE, first reach `target` (interpolated);
+  None when they never do, or for a target of 0 (every sweep "reaches" it at its first point)."""
+  if target <= 0:
+    return None
+  nfe, accuracy = zip(*sorted(points))
+  return metrics.first_crossing(nfe, accuracy, target)
+
+
 def nfe_saving(equal: dict, relay: str = "relay", baselines=BASELINES) -> dict:
   """Per seed: the best baseline's best exact match along its tau sweep, the NFE it needs for it,
   the NFE Relay needs for it (interpolated along its sweep sorted by NFE), and the saving."""
@@ -136,8 +145,7 @@ def nfe_saving(equal: dict, relay: str = "relay", baselines=BASELINES) -> dict:
   for i in range(len(equal[relay])):
     best = max(baselines, key=lambda o: max(r["exact_match"] for r in equal[o][i]["sweep"]))
     target = max(r["exact_match"] for r in equal[best][i]["sweep"])
-    nfe_at = lambda sweep: metrics.first_crossing(
-        *zip(*sorted((r["nfe"], r["exact_match"]) for r in sweep)), target) if target > 0 else None
+    nfe_at = lambda sweep: nfe_to_reach([(r["nfe"], r["exact_match"]) for r in sweep], target)
     base_nfe, relay_nfe = nfe_at(equal[best][i]["sweep"]), nfe_at(equal[relay][i]["sweep"])
     per_seed.append({"baseline": best, "exact_match": target, "baseline_nfe": base_nfe,
                      "relay_nfe": relay_nfe,
@@ -205,15 +213,12 @@ def code_stats(code: dict, seed: int = 0) -> dict:
     """Relay's saving with files weighted by weights_F (a bootstrap draw's counts)."""
     curves = {}
     for o in CODE_OBJECTIVES:
-      curves[o] = sorted((np.dot(weights_F, r["nfe_f"]) / np.dot(weights_F, r["blocks_f"]),
-                          np.dot(weights_F, r["exact_f"]) / np.dot(weights_F, r["blocks_f"]))
-                         for r in code[o]["sweep"])
+      curves[o] = [(np.dot(weights_F, r["nfe_f"]) / np.dot(weights_F, r["blocks_f"]),
+                    np.dot(weights_F, r["exact_f"]) / np.dot(weights_F, r["blocks_f"]))
+                   for r in code[o]["sweep"]]
     target = max(e for _, e in curves["rollout"])
-    if target == 0:
-      return None
-    nfe = {o: metrics.first_crossing([n for n, _ in c], [e for _, e in c], target)
-           for o, c in curves.items()}
-    return None if nfe["relay"] is None else 1 - nfe["relay"] / nfe["rollout"]
+    nfe = {o: nfe_to_reach(c, target) for o, c in curves.items()}
+    return None if None in nfe.values() else 1 - nfe["relay"] / nfe["rollout"]
 
   num_files = len(code["relay"]["sweep"][0]["files"])
   point = saving(np.ones(num_files))
