@@ -116,7 +116,9 @@ def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advanta
       (`samplers.mean_velocity_gain`, no gradient), which gives every step and sampler the same
       gradient scale per unit of velocity.
   Returns:
-    (scalar loss, {"policy_loss", "kl", "clip_frac"}).
+    (scalar loss, {"policy_loss", "kl", "clip_frac", "grad_frac"}): clip_frac, the fraction of
+    (step, sample) tokens with |ratio - 1| > clip_range; grad_frac, the fraction whose surrogate
+    still carries a gradient.
   """
   if beta > 0 and ref_velocity_fn is None:
     raise ValueError("beta > 0 needs ref_velocity_fn (the reference policy)")
@@ -148,8 +150,15 @@ def policy_loss(velocity_fn: flow.VelocityFn, traj: samplers.Trajectory, advanta
   else:
     surrogate = clipped_surrogate(log_ratio_KxB, advantages_B, clip_range)
   kl = kl_KxB.mean()
-  clip_frac = (jnp.abs(jnp.exp(log_ratio_KxB) - 1) > clip_range).mean()
-  return surrogate + beta * kl, {"policy_loss": surrogate, "kl": kl, "clip_frac": clip_frac}
+  ratio_KxB = jnp.exp(log_ratio_KxB)
+  # Tokens outside the clip range (the public codes' clipfrac), and tokens whose surrogate still has
+  # a gradient: PPO's max picks the constant clipped branch when A > 0 and ratio > 1 + e or A < 0
+  # and ratio < 1 - e, and A = 0 contributes nothing.
+  clip_frac = (jnp.abs(ratio_KxB - 1) > clip_range).mean()
+  dead = (((advantages_B > 0) & (ratio_KxB > 1 + clip_range))
+          | ((advantages_B < 0) & (ratio_KxB < 1 - clip_range)) | (advantages_B == 0))
+  return surrogate + beta * kl, {"policy_loss": surrogate, "kl": kl, "clip_frac": clip_frac,
+                                 "grad_frac": 1 - dead.mean()}
 
 
 def group_noise(key: jax.Array, num_groups: int, group_size: int, shape: tuple[int, ...], *,

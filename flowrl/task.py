@@ -12,7 +12,8 @@ form group advantages; this buffer lives in the trainer's carry (checkpointed wi
 of the next updates_per_batch steps takes the GRPO loss (flowrl.grpo.policy_loss) on its share of the
 groups, at a random subset of the stochastic steps. The carry also counts iterations (the sliding SDE
 window moves once per sampled batch). `evaluate` reports the mean reward on fixed noises and conditions with the
-ODE ("reward_ode") and with the training sampler ("reward_sde") at grpo.num_steps NFE; the trainer
+training sampler ("reward_sde"), the ODE at grpo.num_steps NFE ("reward_ode") and the ODE at
+grpo.eval_long_nfe NFE ("reward_ode_long"); the trainer
 adds the wall-clock seconds spent training so far ("train_seconds", evaluation excluded) to each row,
 so metrics.jsonl gives reward against iteration and against time.
 """
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from core import data, flow, flow_task, registry, train, writers
+from core import data, flow, flow_task, registry, train
 from core.nn import lora
 from flowrl import grpo, rewards, samplers
 
@@ -63,18 +64,44 @@ def num_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return length, max(1, round(float(gc.timestep_fraction) * length))
 
 
+RECIPES = ("matched", "published")
+
+
+def effective_clip_range(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> float:
+  """PPO's clip range for samples of `shape`: grpo.clip_range * sqrt(grpo.clip_ref_dim / D), D the
+  sample's size (grpo.clip_range as given when clip_ref_dim is 0).
+
+  The clipped log-ratio is a mean over the D dimensions, whose spread across samples falls as
+  1 / sqrt(D) for the same per-dimension policy change; the scaling keeps the clip as tight relative
+  to that spread as the published value was on the published model's D (experiments/configs/_precise.py).
+  """
+  gc = config.grpo
+  ref, dim = int(gc.clip_ref_dim), int(np.prod(shape))
+  return float(gc.clip_range) * (float(np.sqrt(ref / dim)) if ref else 1.0)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The GRPO fields (and the base run's) with a fixed set or range of values, before anything is
   built or trained."""
   sde_methods = tuple(m for m in samplers.METHODS if m != "ode")
   registry.check_choices(config, {"grpo.sampler": sde_methods, "grpo.window_kind": grpo.WINDOW_KINDS,
-                                  "grpo.reward": rewards.REWARDS})
+                                  "grpo.reward": rewards.REWARDS, "grpo.recipe": RECIPES})
   num_train_steps(config)
   if config.grpo.sde_last_step and config.grpo.sampler in samplers.DETERMINISTIC_AT_ZERO:
     raise ValueError(f"config.grpo.sde_last_step=True, but the step to t = 0 is deterministic for "
                      f"config.grpo.sampler={config.grpo.sampler!r}; expected False")
-  if int(config.grpo.updates_per_batch) < 1:
+  updates = int(config.grpo.updates_per_batch)
+  if updates < 1:
     raise ValueError(f"config.grpo.updates_per_batch={config.grpo.updates_per_batch}; expected >= 1")
+  if int(config.train.log_every) % updates:
+    raise ValueError(f"config.train.log_every={config.train.log_every} must be a multiple of "
+                     f"config.grpo.updates_per_batch={updates} (each logged row then averages every "
+                     "update index equally: the per-update clip metrics need it)")
+  if int(config.grpo.clip_ref_dim) < 0 or float(config.grpo.clip_range) <= 0:
+    raise ValueError(f"config.grpo.clip_range={config.grpo.clip_range} must be > 0 and "
+                     f"config.grpo.clip_ref_dim={config.grpo.clip_ref_dim} >= 0")
+  if int(config.grpo.eval_long_nfe) < 1:
+    raise ValueError(f"config.grpo.eval_long_nfe={config.grpo.eval_long_nfe}; expected >= 1")
   flow_task.check_config(config.base)
 
 
@@ -89,6 +116,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
   grid = flow.time_grid(int(gc.num_steps), shift=float(gc.shift))
   num_steps, group = int(gc.num_steps), int(gc.group_size)
   window, k_train = num_train_steps(config)
+  clip_range = effective_clip_range(config, shape)
   lora_rank, lora_scale = int(gc.lora_rank), float(gc.lora_alpha) / max(int(gc.lora_rank), 1)
 
   def apply_fn(params):
@@ -167,10 +195,14 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
     steps_K = grpo.choose_steps(steps_key, samplers.trainable_steps(traj.sde_mask), k_train)
     value, metrics = grpo.policy_loss(
         velocity(apply_fn(params), mine["y"]), traj, mine["adv"], steps_K, method=gc.sampler,
-        eta=float(gc.eta), clip_range=float(gc.clip_range), beta=float(gc.beta), ref_velocity_fn=ref,
+        eta=float(gc.eta), clip_range=clip_range, beta=float(gc.beta), ref_velocity_fn=ref,
         use_ratio_norm=gc.ratio_norm)
-    return value, {**metrics, "reward": mine["reward"].mean()}, {"iteration": it + 1,
-                                                                  "buffer": buffer}
+    # Per update index u (1 = on-policy): the clip metrics times updates * [part == u - 1], so the
+    # logged means (over a multiple of `updates` steps, check_config) are those of update u alone.
+    per_update = {f"{name}_u{u + 1}": metrics[name] * updates * (part == u)
+                  for name in ("clip_frac", "grad_frac") for u in range(updates)}
+    return value, {**metrics, **per_update, "reward": mine["reward"].mean()}, {"iteration": it + 1,
+                                                                                "buffer": buffer}
 
   def init_carry(key):
     n = int(config.train.global_batch_size)
@@ -199,8 +231,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> trai
 
 
 def make_evaluator(config, policy, shape, num_classes, reward_fn, grid):
-  """params -> {"reward_ode", "reward_sde"}: mean rewards of grpo.eval_size samples from fixed noises
-  (and conditions 0, 1, ..., num_classes - 1, 0, ...), by Euler and by the training sampler.
+  """params -> {"reward_sde", "reward_ode", "reward_ode_long"}: mean rewards of grpo.eval_size samples
+  from fixed noises (and conditions 0, 1, ..., num_classes - 1, 0, ...) by the training sampler at its
+  training noise (Precise's trainer evaluation), by Euler on `grid` (grpo.num_steps NFE) and by Euler
+  at grpo.eval_long_nfe NFE with the same shift (Flow-GRPO's and FlowCPS's 40-NFE evaluation).
 
   policy: (params, y [n]) -> (x, t) -> v.
   """
@@ -209,17 +243,19 @@ def make_evaluator(config, policy, shape, num_classes, reward_fn, grid):
   noise_key, sde_key = jax.random.split(jax.random.PRNGKey(EVAL_KEY))
   x_T = jax.random.normal(noise_key, (n, *shape))
   y = jnp.arange(n, dtype=jnp.int32) % max(num_classes, 1)
+  long_grid = flow.time_grid(int(gc.eval_long_nfe), shift=float(gc.shift))
 
   @jax.jit
   def run(params):
     fn = policy(params, y)
     ode = flow.euler_sample(fn, x_T, grid)
+    ode_long = flow.euler_sample(fn, x_T, long_grid)
     sde = samplers.sample(fn, x_T, grid, sde_key, method=gc.sampler, eta=float(gc.eta),
                           sde_last_step=bool(gc.sde_last_step)).x0
-    return reward_fn(ode, y).mean(), reward_fn(sde, y).mean()
+    return {"reward_sde": reward_fn(sde, y).mean(), "reward_ode": reward_fn(ode, y).mean(),
+            "reward_ode_long": reward_fn(ode_long, y).mean()}
 
   def evaluate_rewards(params):
-    ode, sde = run(params)
-    return {"reward_ode": float(ode), "reward_sde": float(sde)}
+    return {k: float(v) for k, v in run(params).items()}
 
   return evaluate_rewards

@@ -6,10 +6,13 @@
    noise levels and 10 / 20 / 50 / 200 NFE; energy distance (with a bootstrap spread) of the terminal
    samples to held-out data, beside the ODE's.
 2. RL: `precise_2d` (reward: closeness to the outer ring) and `precise_digits` (reward: a classifier's
-   log p(class | image)) trained with Flow-GRPO, DanceGRPO, CPS and Precise, each with its published
-   recipe, over several seeds through core.train (finished runs are reused). Reward of 10-NFE ODE
-   samples on fixed noises vs iteration and vs training seconds; final reward; iterations and seconds
-   to reach the best baseline's final reward.
+   log p(class | image)) trained with Flow-GRPO, DanceGRPO, CPS and Precise under the matched recipe
+   (one trainer, only the sampler and its noise level differ: Precise's public comparison) over paired
+   seeds through core.train (finished runs are reused); the ring also with each sampler's published
+   recipe. Every run is evaluated every few iterations by its own SDE at its training noise, the
+   10-NFE ODE and the 40-NFE ODE on fixed noises; per evaluation: the final rewards and gains over
+   step 0, iterations (and steady-state seconds) to the best baseline's final reward and to half its
+   gain, per-seed gaps and a win / tie verdict.
 Writes `precise.md`, `precise.json` and `precise_curves.png` into --out.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments.tasks  # noqa: F401,E402  (registers the tasks)
 from core import flow, flow_task, metrics, train, writers  # noqa: E402
-from experiments.configs import flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
+from experiments.configs import _precise, flow_2d, flow_images, precise_2d, precise_digits  # noqa: E402
 from experiments.training import read_jsonl, table_parser, train_timed  # noqa: E402
 from flowrl import samplers, task as flowrl_task  # noqa: E402
 
@@ -41,14 +44,20 @@ CONSISTENCY_ETAS = {"ode": (0.0,), "flow_grpo": (0.3, 0.7, 1.0), "dance": (0.3, 
 CONSISTENCY_NFE = (10, 20, 50, 200)
 PROBLEMS = {"2d": (precise_2d, flow_2d.get_config, "flow_2d"),
             "digits": (precise_digits, flow_images.get_config, "digits")}
-# The paper (FLUX.1-dev, 10 NFE, 3000 iterations): PickScore, and Precise's savings.
+EVALS = {"reward_sde": "own SDE", "reward_ode": "ODE 10 NFE", "reward_ode_long": "ODE 40 NFE"}
+# The paper (FLUX.2 Klein 4B, matched recipes, PickScore at 10 NFE after 3000 iterations), and
+# Precise's savings against the best baseline.
 PAPER_REWARD = {"flow_grpo": 23.242, "dance": 22.428, "cps": 23.670, "precise": 23.745}
 PAPER_SAVINGS = "13.1-53.2% less wall-clock and 14.2-22.1% fewer iterations to the best baseline's reward"
 # Per preset: consistency sample size, bootstrap resamples, NFEs and noise levels per method (smoke: the
-# first of each list), and GRPO seeds.
-SIZES = {"smoke": {"points": 256, "resamples": 2, "nfe": (10,), "etas": 1, "seeds": 1},
-         "cpu": {"points": 2048, "resamples": 10, "nfe": CONSISTENCY_NFE, "etas": None, "seeds": 3},
-         "paper": {"points": 4096, "resamples": 100, "nfe": CONSISTENCY_NFE, "etas": None, "seeds": 3}}
+# first of each list), GRPO seeds, and the problems also run with the published recipes.
+# (smoke leaves the published recipes out: their runs differ from the matched ones only in config
+# values, which tests/flowrl/test_grpo.py checks, and four more smoke runs would cost the suite a minute.)
+SIZES = {"smoke": {"points": 256, "resamples": 2, "nfe": (10,), "etas": 1, "seeds": 1, "published": ()},
+         "cpu": {"points": 2048, "resamples": 10, "nfe": CONSISTENCY_NFE, "etas": None, "seeds": 3,
+                 "published": ("2d",)},
+         "paper": {"points": 4096, "resamples": 100, "nfe": CONSISTENCY_NFE, "etas": None, "seeds": 3,
+                   "published": ("2d", "digits")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,62 +90,125 @@ def consistency(preset: str, runs: str, sizes: dict) -> dict:
 # 2. GRPO
 
 
-def grpo_config(problem: str, preset: str, sampler: str, seed: int, runs: str):
+def grpo_config(problem: str, preset: str, variant: str, seed: int, runs: str):
   module, _, base_name = PROBLEMS[problem]
-  config = module.get_config(f"{preset},{sampler}")
+  config = module.get_config(f"{preset},{variant}")
   config.seed = seed
   config.grpo.base_workdir = os.path.abspath(os.path.join(runs, f"{base_name}_{preset}"))
   return config
 
 
-def base_reward(config) -> dict:
-  """The rewards of the untrained policy (the base model), measured by the task's own evaluator."""
+def step0_rewards(config) -> dict:
+  """The untrained policy's (the base model's) rewards under `config`'s own evaluator: the ODE values
+  are the same for every sampler, the own-SDE value is this sampler's at its noise level."""
   flowrl_task.prepare_base(config, None)
   task = train.build_task(config)
   with tempfile.TemporaryDirectory() as tmp:
-    out = task.evaluate(task.init_params(jax.random.PRNGKey(0)), 0, tmp)
-  return {"step": 0, "reward_ode": out["reward_ode"], "reward_sde": out["reward_sde"], "seconds": 0.0}
+    return task.evaluate(task.init_params(jax.random.PRNGKey(0)), 0, tmp)
 
 
-def curve(workdir: str) -> list[dict]:
-  """[{step, reward_ode, reward_sde, seconds}] from a run's evaluations."""
-  return [{"step": r["step"], "reward_ode": r["eval/reward_ode"], "reward_sde": r["eval/reward_sde"],
-           "seconds": r["train_seconds"]}
-          for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/reward_ode" in r]
+def run_curve(workdir: str) -> dict:
+  """A run's evaluations {"steps", "seconds", <eval key>: [...]} and its per-update clip statistics
+  (means over the run's logged rows of clip_frac_u<k> and grad_frac_u<k>)."""
+  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  evals = [r for r in rows if "eval/reward_ode" in r]
+  out = {"steps": [r["step"] for r in evals], "seconds": [r["train_seconds"] for r in evals],
+         **{k: [r[f"eval/{k}"] for r in evals] for k in EVALS}}
+  train_rows = [r for r in rows if "train/clip_frac" in r]
+  out["clip"] = {k[6:]: float(np.mean([r[k] for r in train_rows])) for k in train_rows[0]
+                 if k.startswith(("train/clip_frac_u", "train/grad_frac_u"))}
+  return out
 
 
-def rl(problem: str, preset: str, runs: str, seeds: int) -> dict:
-  start = base_reward(grpo_config(problem, preset, "precise", 0, runs))
-  out = {"base": start, "samplers": {}}
+def steady_rate(steps, seconds) -> tuple[float, float]:
+  """(steady-state seconds per iteration, start-up seconds) of a run's training clock: the slope
+  between its first and last evaluations (the first comes after compilation), and what the first
+  evaluation's clock holds beyond that slope (compilation, mostly)."""
+  rate = (seconds[-1] - seconds[0]) / (steps[-1] - steps[0])
+  return rate, seconds[0] - rate * steps[0]
+
+
+def verdict(finals_a_S, finals_b_S) -> str:
+  """Precise's (a) final rewards against the best baseline's (b), paired by seed [S >= 2]: "win" when
+  a - b is positive in every seed and its mean exceeds 2 pooled standard deviations
+  (sqrt((sd_a^2 + sd_b^2) / 2), each over seeds); "loss" for the mirror image; "tie" otherwise."""
+  a, b = np.asarray(finals_a_S, np.float64), np.asarray(finals_b_S, np.float64)
+  if a.shape != b.shape or a.size < 2:
+    raise ValueError(f"need paired finals of >= 2 seeds; got shapes {a.shape} and {b.shape}")
+  gaps_S = a - b
+  pooled = float(np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
+  mean = float(gaps_S.mean())
+  if np.all(gaps_S > 0) and mean > 2 * pooled:
+    return "win"
+  if np.all(gaps_S < 0) and -mean > 2 * pooled:
+    return "loss"
+  return "tie"
+
+
+def race(steps, curves_SxE, target: float) -> dict:
+  """Iterations for reward curves [seeds, evaluations] (on the shared `steps`, step 0 first) to reach
+  `target`: on the mean curve ("mean") and per seed ("per_seed"), linearly interpolated
+  (core.metrics.first_crossing); None where a curve never reaches it."""
+  curves_SxE = np.asarray(curves_SxE, np.float64)
+  return {"mean": metrics.first_crossing(steps, curves_SxE.mean(0), target),
+          "per_seed": [metrics.first_crossing(steps, c, target) for c in curves_SxE]}
+
+
+def saving(mine, theirs):
+  """1 - mine / theirs (e.g. fewer iterations than the best baseline), None when either is missing."""
+  return None if mine is None or not theirs else 1 - mine / theirs
+
+
+def rl(problem: str, preset: str, runs: str, seeds: int, recipe: str) -> dict:
+  """Trains (or reuses) every sampler x seed of `recipe` on `problem` and compares them per evaluation."""
+  out = {"recipe": recipe, "samplers": {}}
   for sampler in SAMPLERS:
-    per_seed = []
+    variant = sampler if recipe == "matched" else f"{sampler}_published"
+    # A published recipe equal to the matched one (Precise's own) reuses the matched runs.
+    same = _precise.recipe(variant)[2] == _precise.recipe(sampler)[2]
+    start = step0_rewards(grpo_config(problem, preset, variant, 0, runs))
+    runs_S = []
     for seed in range(seeds):
-      config = grpo_config(problem, preset, sampler, seed, runs)
-      workdir = os.path.join(runs, f"precise_{problem}_{sampler}_s{seed}")
-      train_timed(config, workdir)
-      per_seed.append([start] + curve(workdir))
-    steps = [p["step"] for p in per_seed[0]]
-    ode = np.array([[p["reward_ode"] for p in c] for c in per_seed])
-    secs = np.array([[p["seconds"] for p in c] for c in per_seed])
-    out["samplers"][sampler] = {
-        "steps": steps, "reward_ode_mean": ode.mean(0).tolist(), "reward_ode_std": ode.std(0).tolist(),
-        "reward_sde_mean": np.mean([[p["reward_sde"] for p in c] for c in per_seed], 0).tolist(),
-        "seconds_mean": secs.mean(0).tolist(), "final_per_seed": ode[:, -1].tolist()}
+      workdir = os.path.join(runs, f"precise_{problem}_{sampler if same else variant}_s{seed}")
+      train_timed(grpo_config(problem, preset, variant, seed, runs), workdir)
+      runs_S.append(run_curve(workdir))
+    rates = [steady_rate(r["steps"], r["seconds"]) for r in runs_S]
+    entry = {"steps": [0] + runs_S[0]["steps"], "step0": start,
+             "seconds_per_iteration": float(np.mean([r for r, _ in rates])),
+             "startup_seconds": float(np.mean([c for _, c in rates])),
+             "clip": {k: float(np.mean([r["clip"][k] for r in runs_S])) for k in runs_S[0]["clip"]}}
+    for key in EVALS:
+      curves = np.array([[start[key]] + r[key] for r in runs_S])
+      entry[key] = {"curves": curves.tolist(), "mean": curves.mean(0).tolist(),
+                    "std": curves.std(0, ddof=1).tolist() if seeds > 1 else [0.0] * curves.shape[1],
+                    "final": curves[:, -1].tolist()}
+    out["samplers"][sampler] = entry
   rows = out["samplers"]
-  best = max((s for s in SAMPLERS if s != "precise"), key=lambda s: rows[s]["reward_ode_mean"][-1])
-  target = rows[best]["reward_ode_mean"][-1]
-  for s in SAMPLERS:
-    r = rows[s]
-    r["to_target_steps"] = metrics.first_crossing(r["steps"], r["reward_ode_mean"], target)
-    r["to_target_seconds"] = metrics.first_crossing(r["seconds_mean"], r["reward_ode_mean"], target)
-  base = rows[best]
-  for s in SAMPLERS:
-    r = rows[s]
-    r["step_saving"] = (None if r["to_target_steps"] is None
-                        else 1 - r["to_target_steps"] / base["to_target_steps"])
-    r["seconds_saving"] = (None if r["to_target_seconds"] is None
-                           else 1 - r["to_target_seconds"] / base["to_target_seconds"])
-  out.update({"best_baseline": best, "target": target})
+  out["comparison"] = {}
+  for key in EVALS:
+    best = max((s for s in SAMPLERS if s != "precise"), key=lambda s: rows[s][key]["mean"][-1])
+    final_target = rows[best][key]["mean"][-1]
+    start = rows[best][key]["mean"][0]
+    mid_target = start + 0.5 * (final_target - start)       # half the best baseline's gain
+    cmp = {"best": best, "final_target": final_target, "mid_target": mid_target, "samplers": {}}
+    for s in SAMPLERS:
+      r, c = rows[s], {}
+      for name, target in (("final", final_target), ("mid", mid_target)):
+        c[name] = race(r["steps"], r[key]["curves"], target)
+      cmp["samplers"][s] = c
+    p, b = cmp["samplers"]["precise"], cmp["samplers"][best]
+    rate_p, rate_b = rows["precise"]["seconds_per_iteration"], rows[best]["seconds_per_iteration"]
+    for name in ("final", "mid"):
+      its_p, its_b = p[name]["mean"], b[name]["mean"]
+      cmp[f"{name}_iteration_saving"] = saving(its_p, its_b)
+      cmp[f"{name}_time_saving"] = saving(None if its_p is None else its_p * rate_p,
+                                          None if its_b is None else its_b * rate_b)
+      cmp[f"{name}_iteration_saving_per_seed"] = [saving(a, z) for a, z in zip(p[name]["per_seed"],
+                                                                              b[name]["per_seed"])]
+    finals_p, finals_b = rows["precise"][key]["final"], rows[best][key]["final"]
+    cmp["gaps"] = (np.array(finals_p) - np.array(finals_b)).tolist()
+    cmp["verdict"] = verdict(finals_p, finals_b) if seeds > 1 else "one seed"
+    out["comparison"][key] = cmp
   return out
 
 
@@ -145,22 +217,25 @@ def rl(problem: str, preset: str, runs: str, seeds: int) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-  problems = [p for p in PROBLEMS if p in result["rl"]]
-  fig, axes = plt.subplots(len(problems), 2, figsize=(9, 3.2 * len(problems)), squeeze=False)
-  for row, problem in zip(axes, problems):
-    for sampler, r in result["rl"][problem]["samplers"].items():
-      mean, std = np.array(r["reward_ode_mean"]), np.array(r["reward_ode_std"])
-      for ax, x in ((row[0], r["steps"]), (row[1], r["seconds_mean"])):
+  """Reward vs iteration and vs steady-state seconds (iterations x the sampler's seconds per
+  iteration), one row per (problem, evaluation) of the matched recipe; mean ± std over seeds."""
+  panels = [(p, key) for p in PROBLEMS if p in result["rl"] for key in EVALS]
+  fig, axes = plt.subplots(len(panels), 2, figsize=(9, 2.8 * len(panels)), squeeze=False)
+  for row, (problem, key) in zip(axes, panels):
+    for sampler, r in result["rl"][problem]["matched"]["samplers"].items():
+      mean, std = np.array(r[key]["mean"]), np.array(r[key]["std"])
+      steps = np.array(r["steps"])
+      for ax, x in ((row[0], steps), (row[1], steps * r["seconds_per_iteration"])):
         ax.plot(x, mean, label=NAMES[sampler])
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     row[0].set_xlabel("iteration")
-    row[1].set_xlabel("training seconds")
+    row[1].set_xlabel("steady-state training seconds")
     for ax in row:
-      ax.set_ylabel(f"{problem}: reward (10-NFE ODE)")
+      ax.set_ylabel(f"{problem}: {EVALS[key]}", fontsize=8)
       ax.grid(alpha=0.3)
-    row[0].legend(fontsize=8)
+    row[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -170,27 +245,73 @@ def _fmt(x, spec=".1f", pct=False):
   return f"{100 * x:{spec}}%" if pct else f"{x:{spec}}"
 
 
-def _rl_table(problem: str, r: dict, preset: str, seeds: int) -> list[str]:
+def _config_line(problem: str, preset: str, recipe: str, seeds: int) -> str:
   module = PROBLEMS[problem][0]
-  cfg = module.get_config(f"{preset},precise")
-  rows = r["samplers"]
-  lines = [f"Config `{module.__name__.split('.')[-1]}.py:{preset},<sampler>`: {cfg.train.num_steps} "
-           f"iterations of {cfg.train.global_batch_size} groups x {cfg.grpo.group_size}, "
-           f"{cfg.grpo.updates_per_batch} updates per sampled batch, {cfg.grpo.num_steps} NFE, reward "
-           f"`{cfg.grpo.reward}`, {seeds} seeds (mean ± std). The base model scores "
-           f"{r['base']['reward_ode']:.3f} (ODE) / {r['base']['reward_sde']:.3f} (Precise SDE). Target: "
-           f"the best baseline's ({NAMES[r['best_baseline']]}) final mean reward, {r['target']:.3f}.", "",
-           "| sampler | final reward (ODE) | per seed | final reward (own SDE) | iterations to target "
-           "| seconds to target | fewer iterations | less wall-clock | paper PickScore |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+  cfg = module.get_config(f"{preset},precise" + ("" if recipe == "matched" else "_published"))
+  g = cfg.grpo
+  window = f"a {g.window_size}-step sliding SDE window" if g.window_size else "every step but the last"
+  return (f"Config `{module.__name__.split('.')[-1]}.py:{preset},<sampler>"
+          f"{'' if recipe == 'matched' else '_published'}`: {cfg.train.num_steps} iterations (optimiser "
+          f"updates) of {cfg.train.global_batch_size} groups x {g.group_size}, {g.updates_per_batch} "
+          f"updates per sampled batch, {g.num_steps} NFE at shift {g.shift:g}, trained on {window}, "
+          f"lr {cfg.optim.lr:g}, reward `{g.reward}`; {seeds} paired seed{'s' * (seeds > 1)} (seed s: the "
+          f"same conditions and initial parameters for every sampler), mean ± std over seeds.")
+
+
+def _rl_tables(problem: str, r: dict, preset: str, seeds: int) -> list[str]:
+  rows, recipe = r["samplers"], r["recipe"]
+  lines = [_config_line(problem, preset, recipe, seeds), "",
+           "Final rewards (step 0 → final, and the gain) per evaluation sampler; the clip fraction and "
+           "the fraction of tokens still carrying gradient on the second (off-policy) update; "
+           "steady-state seconds per iteration and start-up seconds (compilation) of the training clock.",
+           "", "| sampler | eta | " + " | ".join(EVALS.values())
+           + " | clipped (upd. 2) | with gradient (upd. 2) | s / it | start-up s |",
+           "|---|---:|" + "---|" * len(EVALS) + "---:|---:|---:|---:|"]
   for s in SAMPLERS:
     x = rows[s]
+    cfg = PROBLEMS[problem][0].get_config(f"{preset},{s}" + ("" if recipe == "matched" else "_published"))
+    cells = [f"{x[k]['mean'][0]:.3f} → {x[k]['mean'][-1]:.3f} ± {x[k]['std'][-1]:.3f} "
+             f"({x[k]['mean'][-1] - x[k]['mean'][0]:+.3f})" for k in EVALS]
+    clip = x["clip"]
+    lines.append(f"| {NAMES[s]} | {cfg.grpo.eta:g} | " + " | ".join(cells) + " | "
+                 f"{_fmt(clip.get('clip_frac_u2'), '.1f', True)} | {_fmt(clip.get('grad_frac_u2'), '.1f', True)}"
+                 f" | {x['seconds_per_iteration']:.3f} | {x['startup_seconds']:.1f} |")
+  lines += ["", "Iterations to reach (a) the best baseline's final mean reward and (b) half its gain "
+            "over step 0, on the mean curve [per seed]; Precise's saving against the best baseline in "
+            "iterations and in steady-state time (iterations x seconds per iteration); Precise minus "
+            "the best baseline in final reward per paired seed, and the verdict (a win needs the same "
+            "sign in every seed and a mean gap over 2 pooled std).", "",
+            "| evaluation | best baseline | target (a) | Precise its (a) | baseline its (a) | saving its / time (a) "
+            "| target (b) | Precise its (b) | baseline its (b) | saving its / time (b) | final gap per seed | verdict |",
+            "|---|---|---:|---|---|---:|---:|---|---|---:|---|---|"]
+  its = lambda race_: f"{_fmt(race_['mean'], '.0f')} [" + ", ".join(_fmt(v, '.0f') for v in race_['per_seed']) + "]"
+  for key, c in r["comparison"].items():
+    p, b = c["samplers"]["precise"], c["samplers"][c["best"]]
     lines.append(
-        f"| {NAMES[s]} | {x['reward_ode_mean'][-1]:.3f} ± {x['reward_ode_std'][-1]:.3f} | "
-        + ", ".join(f"{v:.3f}" for v in x["final_per_seed"]) + f" | {x['reward_sde_mean'][-1]:.3f} | "
-        f"{_fmt(x['to_target_steps'], '.0f')} | {_fmt(x['to_target_seconds'], '.0f')} | "
-        f"{_fmt(x['step_saving'], '.1f', True)} | {_fmt(x['seconds_saving'], '.1f', True)} | "
-        f"{PAPER_REWARD[s]} |")
+        f"| {EVALS[key]} | {NAMES[c['best']]} | {c['final_target']:.3f} | {its(p['final'])} | {its(b['final'])} | "
+        f"{_fmt(c['final_iteration_saving'], '.1f', True)} / {_fmt(c['final_time_saving'], '.1f', True)} | "
+        f"{c['mid_target']:.3f} | {its(p['mid'])} | {its(b['mid'])} | "
+        f"{_fmt(c['mid_iteration_saving'], '.1f', True)} / {_fmt(c['mid_time_saving'], '.1f', True)} | "
+        + ", ".join(f"{g:+.3f}" for g in c["gaps"]) + f" | {c['verdict']} |")
+  return lines
+
+
+def _claims(result: dict) -> list[str]:
+  """One sentence per paper claim, per problem, on the matched recipe."""
+  lines = []
+  for problem in (p for p in PROBLEMS if p in result["rl"]):
+    for key, c in result["rl"][problem]["matched"]["comparison"].items():
+      best = NAMES[c["best"]]
+      mean_gap = float(np.mean(c["gaps"]))
+      reward = {"win": "reproduced", "tie": "tied", "loss": "not reproduced (Precise is worse)",
+                "one seed": "one seed, no verdict"}[c["verdict"]]
+      its, secs = c["final_iteration_saving"], c["final_time_saving"]
+      speed = ("reproduced" if its is not None and secs is not None and its >= 0.142 and secs >= 0.131
+               else "not reproduced")
+      lines.append(f"- {problem}, {EVALS[key]}: best final reward: {reward} (Precise − {best} "
+                   f"{mean_gap:+.3f}, per seed " + ", ".join(f"{g:+.3f}" for g in c["gaps"])
+                   + f"); ≥ 14.2% fewer iterations and ≥ 13.1% less time to {best}'s final reward: "
+                   f"{speed} ({_fmt(its, '.1f', True)} / {_fmt(secs, '.1f', True)}).")
   return lines
 
 
@@ -215,15 +336,21 @@ def markdown(result: dict) -> str:
   lines = ["# Precise (arXiv 2605.23522) at CPU scale", "",
            f"Produced by `python -m experiments.tables.precise --preset {preset}` in "
            f"{result['seconds'] / 60:.1f} minutes (training of runs not already finished included).", "",
+           f"The paper (FLUX.2 Klein 4B, matched recipes, PickScore at 10 NFE after 3000 iterations): "
+           f"Precise {PAPER_REWARD['precise']}, CPS {PAPER_REWARD['cps']}, Flow-GRPO "
+           f"{PAPER_REWARD['flow_grpo']}, Dance-GRPO {PAPER_REWARD['dance']}; {PAPER_SAVINGS}.", "",
+           "## The paper's claims at our scale (matched recipe)", "", *_claims(result), "",
            "## SDE consistency on the double ring", "", *_consistency_table(result["consistency"]), ""]
-  for problem, title in (("2d", "GRPO on the double ring (reward: outer ring)"),
-                         ("digits", "GRPO on class-conditional digits (reward: classifier log p(class))")):
-    if problem in result["rl"]:
-      lines += [f"## {title}", "", *_rl_table(problem, result["rl"][problem], preset, result["seeds"]), ""]
-  lines += ["Reward vs iteration and vs training seconds (mean ± std over seeds): "
-            "![curves](precise_curves.png)", "",
-            f"The paper (FLUX.1-dev, PickScore at 10 NFE after 3000 iterations): Precise 23.745, CPS 23.670, "
-            f"Flow-GRPO 23.242, Dance-GRPO 22.428; {PAPER_SAVINGS}.", ""]
+  titles = {"2d": "the double ring (reward: outer ring)",
+            "digits": "class-conditional digits (reward: classifier log p(class))"}
+  for problem in (p for p in PROBLEMS if p in result["rl"]):
+    for recipe, r in result["rl"][problem].items():
+      what = ("the matched recipe (one trainer, only the sampler and eta differ)" if recipe == "matched"
+              else "each sampler's published recipe")
+      lines += [f"## GRPO on {titles[problem]}: {what}", "",
+                *_rl_tables(problem, r, preset, result["seeds"]), ""]
+  lines += ["Reward vs iteration and vs steady-state seconds, matched recipe, per evaluation sampler "
+            "(mean ± std over seeds): ![curves](precise_curves.png)", ""]
   return "\n".join(lines)
 
 
@@ -240,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
   os.makedirs(args.out, exist_ok=True)
   result = {"preset": args.preset, "seeds": sizes["seeds"],
             "consistency": consistency(args.preset, args.runs, sizes),
-            "rl": {p: rl(p, args.preset, args.runs, sizes["seeds"]) for p in problems}}
+            "rl": {p: {recipe: rl(p, args.preset, args.runs, sizes["seeds"], recipe)
+                       for recipe in ("matched", "published")
+                       if recipe == "matched" or p in sizes["published"]} for p in problems}}
   result["seconds"] = time.perf_counter() - t0
   plot(result, os.path.join(args.out, "precise_curves.png"))
   with open(os.path.join(args.out, "precise.json"), "w") as f:

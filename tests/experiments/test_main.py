@@ -160,7 +160,8 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exiting(sig, status, tmp_pa
     ([f"--config={FLOW_2D}:smoke", "--config.optim.lr=fast"], "expected float like"),
     ([f"--config={FLOW_2D}:smoke,big"], "this config has no variants"),
     (["--config=experiments/configs/precise_2d.py:smoke,precis"],
-     "valid variants: precise, flow_grpo, dance, cps, dance_precise"),
+     "valid variants: precise, flow_grpo, dance, cps, dance_precise, precise_published, "
+     "flow_grpo_published, dance_published, cps_published"),
 ])
 def test_bad_config_gives_one_line_listing_choices(args, expected, tmp_path):
   r = subprocess.run([sys.executable, "-m", "experiments.main", *args, f"--workdir={tmp_path}"],
@@ -211,17 +212,19 @@ def test_help_lists_every_config_preset_and_variant():
 
 
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
-  r = subprocess.run(_cmd("experiments/configs/precise_2d.py:smoke,flow_grpo", tmp_path / "run",
+  # A published-recipe variant: the sampler and its paper's recipe from the command line.
+  r = subprocess.run(_cmd("experiments/configs/precise_2d.py:smoke,cps_published", tmp_path / "run",
                           "--config.train.num_steps=7", "--dry_run"), cwd=tmp_path, env=cli_env(),
                      capture_output=True, text=True, timeout=120)     # from outside the repository
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "sampler: flow_grpo" in r.stdout and "num_steps: 7" in r.stdout and "eta: 0.7" in r.stdout
+  for line in ("sampler: cps", "recipe: published", "num_steps: 7", "eta: 0.8", "beta: 0.04"):
+    assert line in r.stdout, line
   assert "config OK" in r.stdout and not (tmp_path / "run").exists()
 
 
 def test_every_preset_and_variant_resolves_and_passes_checks():
   """get_config and the task's own checks for every `preset[,variant]` of every config; the sampler
-  variants carry their published recipes (the README's `precise_*.py:cpu,flow_grpo` commands)."""
+  variants select the sampler and recipe (the README's `precise_*.py:cpu,<sampler>` commands)."""
   import experiments.tasks  # noqa: F401
   from core import registry
   for path in main_cli.available_configs():
@@ -233,8 +236,8 @@ def test_every_preset_and_variant_resolves_and_passes_checks():
   for name in ("precise_2d", "precise_digits"):
     module = main_cli.load_config_module(f"experiments/configs/{name}.py")
     assert module.get_config("cpu").grpo.sampler == "precise"
-    fg = module.get_config("cpu,flow_grpo").grpo
-    assert (fg.sampler, fg.eta, fg.clip_range) == ("flow_grpo", 0.7, 1e-4)
+    fg = module.get_config("cpu,flow_grpo_published").grpo
+    assert (fg.sampler, fg.recipe, fg.eta, fg.clip_range) == ("flow_grpo", "published", 0.7, 1e-4)
 
 
 def _eval_rows(workdir):

@@ -104,15 +104,46 @@ def test_precise_table_smoke_writes_finite_results(tmp_path, smoke_runs):
   rows = result["consistency"]["rows"]
   assert {row["method"] for row in rows} == set(precise.CONSISTENCY_ETAS)
   assert all(np.isfinite(row["energy"]) and row["energy"] >= 0 for row in rows)
-  assert list(result["rl"]) == ["2d"]
-  for problem in result["rl"]:
-    r = result["rl"][problem]
+  assert list(result["rl"]) == ["2d"] and list(result["rl"]["2d"]) == ["matched"]
+  for r in result["rl"]["2d"].values():
     assert set(r["samplers"]) == set(precise.SAMPLERS)
     for x in r["samplers"].values():
-      assert x["steps"][0] == 0 and len(x["steps"]) == len(x["reward_ode_mean"]) > 1
-      assert np.all(np.isfinite(x["reward_ode_mean"])) and np.all(np.diff(x["seconds_mean"]) >= 0)
-    # The best baseline reaches its own final mean reward, at or before its last evaluation.
-    assert r["samplers"][r["best_baseline"]]["to_target_steps"] <= r["samplers"][r["best_baseline"]]["steps"][-1]
+      for key in precise.EVALS:
+        assert x["steps"][0] == 0 and len(x["steps"]) == len(x[key]["mean"]) > 1
+        assert np.all(np.isfinite(x[key]["mean"])) and x[key]["mean"][0] == x["step0"][key]
+      assert x["seconds_per_iteration"] > 0
+      assert 0 <= x["clip"]["clip_frac_u2"] <= 1 and x["clip"]["clip_frac_u1"] == 0
+    # Step 0 is each sampler's own: the ODE evaluations agree across samplers, the own-SDE ones differ.
+    step0 = [x["step0"] for x in r["samplers"].values()]
+    assert len({round(s["reward_ode"], 6) for s in step0}) == 1
+    assert len({round(s["reward_sde"], 6) for s in step0}) == len(step0)
+    for c in r["comparison"].values():
+      best = c["samplers"][c["best"]]["final"]["mean"]
+      assert best is not None and best <= r["samplers"][c["best"]]["steps"][-1]
+  text = (out / "precise.md").read_text()
+  assert "FLUX.2 Klein 4B" in text and "FLUX.1" not in text
+
+
+def test_race_and_verdict_on_hand_made_curves():
+  """Iterations to a target on hand-made curves (mean and per seed, interpolated), steady-state
+  rate, and the win / tie / loss rule."""
+  steps = [0, 10, 20, 30]
+  curves = [[0.0, 0.2, 0.6, 0.8], [0.0, 0.4, 0.8, 1.0]]      # mean: 0, 0.3, 0.7, 0.9
+  r = precise.race(steps, curves, 0.5)
+  np.testing.assert_allclose(r["mean"], 15.0)               # 0.3 -> 0.7 between 10 and 20
+  np.testing.assert_allclose(r["per_seed"], [17.5, 12.5])
+  late = precise.race(steps, curves, 0.95)["per_seed"]
+  assert late[0] is None and late[1] == pytest.approx(27.5)        # seed 0 never gets there
+  assert precise.race(steps, curves, 1.5) == {"mean": None, "per_seed": [None, None]}
+  assert precise.saving(15.0, 20.0) == pytest.approx(0.25) and precise.saving(None, 20.0) is None
+  rate, startup = precise.steady_rate([10, 20, 30], [25.0, 30.0, 35.0])
+  assert (rate, startup) == (0.5, 20.0)
+  assert precise.verdict([1.0, 1.1, 1.2], [0.5, 0.6, 0.7]) == "win"       # gap 0.5 > 2 * 0.1
+  assert precise.verdict([0.5, 0.6, 0.7], [1.0, 1.1, 1.2]) == "loss"
+  assert precise.verdict([1.0, 1.1, 1.2], [0.9, 1.0, 1.1]) == "tie"       # gap 0.1 < 2 * 0.1
+  assert precise.verdict([1.0, 0.8, 1.3], [0.9, 0.9, 1.0]) == "tie"       # signs differ
+  with pytest.raises(ValueError, match="paired finals"):
+    precise.verdict([1.0], [0.5])
 
 
 def test_first_crossing_interpolates_between_evaluations():

@@ -150,6 +150,7 @@ def test_policy_loss_gradient_is_the_advantage_weighted_log_prob_gradient(rng):
     value, metrics = loss(theta0)
     np.testing.assert_allclose(value, -adv.mean(), rtol=1e-5, atol=1e-6)
     assert float(metrics["clip_frac"]) == 0 and float(metrics["kl"]) == 0
+    assert float(metrics["grad_frac"]) == 1      # on-policy: ratio 1, every advantage nonzero
     np.testing.assert_allclose(jax.grad(lambda p: loss(p)[0])(theta0), jax.grad(reference)(theta0),
                                rtol=1e-4, atol=1e-6)
     # beta > 0 adds the KL to the zero-velocity reference.
@@ -203,6 +204,11 @@ def test_policy_loss_off_policy_uses_the_old_log_probs_and_clips(rng):
   band = 3e-5
   sure, maybe = np.mean(off > clip + band), np.mean(off > clip - band)
   assert sure <= float(metrics["clip_frac"]) <= maybe, (float(metrics["clip_frac"]), sure, maybe)
+  # Gradient carriers: the unclipped branch of PPO's max (A > 0 below 1 + e, A < 0 above 1 - e),
+  # with the same rounding band at the boundary.
+  r_KxB = np.stack(ratios)
+  alive = lambda b: np.mean(((adv > 0) & (r_KxB <= 1 + clip + b)) | ((adv < 0) & (r_KxB >= 1 - clip - b)))
+  assert alive(-band) <= float(metrics["grad_frac"]) <= alive(band)
   # The change is big enough to clip: |log r| has sd >= 0.014 (step 1) and 0.043 (step 3) per
   # example, so no ratio beyond the band has probability < 1e-8.
   assert 0 < sure
@@ -300,9 +306,17 @@ def test_smoke_run_logs_rewards_and_time_and_resumes(base_workdir, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   evals = [r for r in rows if "eval/reward_ode" in r]
   assert [r["step"] for r in evals] == [2, 4]
-  assert all(np.isfinite(r[k]) for r in evals for k in ("eval/reward_ode", "eval/reward_sde"))
+  assert all(np.isfinite(r[k]) for r in evals
+             for k in ("eval/reward_ode", "eval/reward_sde", "eval/reward_ode_long"))
   assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
   assert any("train/reward" in r for r in rows)
+  # Per-update clip metrics: update 1 is on-policy (ratio 1: nothing clipped, every token with a
+  # nonzero advantage carries gradient); the two updates' means average to the row's mean.
+  for r in (r for r in rows if "train/clip_frac" in r):
+    assert r["train/clip_frac_u1"] == 0 and 0 <= r["train/clip_frac_u2"] <= 1
+    for name in ("clip_frac", "grad_frac"):
+      np.testing.assert_allclose(r[f"train/{name}"], (r[f"train/{name}_u1"] + r[f"train/{name}_u2"]) / 2,
+                                 atol=1e-6)
   config.train.num_steps = 6                                  # resume: the clock carries on
   train.train(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -320,21 +334,57 @@ def test_lora_fine_tuning_keeps_the_base_frozen(base_workdir, tmp_path):
   assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(params["lora"]))  # lora_b moved
 
 
-def test_configs_keep_the_published_sampler_recipes():
+def test_configs_select_sampler_and_recipe():
+  """`<sampler>`: the matched recipe, where only the sampler and eta differ; `<sampler>_published`:
+  each paper's own recipe."""
+  trainer_fields = ("clip_range", "clip_ref_dim", "beta", "timestep_fraction", "same_noise", "ratio_norm")
   for module in (precise_2d, precise_digits):
     for preset in ("smoke", "cpu", "paper"):
-      fg, pr = module.get_config(f"{preset},flow_grpo"), module.get_config(preset)
-      assert (fg.grpo.eta, fg.grpo.clip_range, fg.grpo.beta) == (0.7, 1e-4, 0.04)
-      assert (pr.grpo.sampler, pr.grpo.eta, pr.grpo.clip_range, pr.grpo.beta) == ("precise", 1.5, 4e-6, 0)
-      assert module.get_config(f"{preset},dance").grpo.eta == 0.3
-      assert 0.7 <= module.get_config(f"{preset},cps").grpo.eta <= 0.8
-      assert fg.grpo.num_steps == 10
+      matched = {s: module.get_config(f"{preset},{s}").grpo for s in ("precise", "flow_grpo", "dance", "cps")}
+      assert module.get_config(preset).grpo.sampler == "precise"
+      assert {s: (g.sampler, g.recipe, g.eta) for s, g in matched.items()} == {
+          "precise": ("precise", "matched", 1.5), "flow_grpo": ("flow_grpo", "matched", 0.7),
+          "dance": ("dance", "matched", 0.3), "cps": ("cps", "matched", 0.7)}
+      for g in matched.values():
+        assert ([g[f] for f in trainer_fields] == [4e-6, 32 * 64 * 64, 0.0, 0.99, False, True]
+                and g.to_dict() == {**matched["precise"].to_dict(), **{k: g[k] for k in (
+                    "sampler", "eta", "sde_last_step")}})
+      fg = module.get_config(f"{preset},flow_grpo_published").grpo
+      assert (fg.recipe, fg.eta, fg.clip_range, fg.beta, fg.ratio_norm) == ("published", 0.7, 1e-4, 0.04, False)
+      dance = module.get_config(f"{preset},dance_published").grpo
+      assert (dance.eta, dance.same_noise, dance.timestep_fraction) == (0.3, True, 0.6)
+      assert module.get_config(f"{preset},cps_published").grpo.eta == 0.8
+      assert fg.num_steps == 10
   with pytest.raises(ValueError, match="unknown variant .ddpm.; valid variants: precise, flow_grpo"):
     precise_2d.get_config("smoke,ddpm")
   bad = precise_2d.get_config("smoke")
   bad.grpo.window_size = 10
   with pytest.raises(ValueError, match="window_size"):
     grpo_task.num_train_steps(bad)
+  bad = precise_2d.get_config("smoke")
+  bad.train.log_every = 3
+  with pytest.raises(ValueError, match="log_every=3 must be a multiple of config.grpo.updates_per_batch=2"):
+    grpo_task.check_config(bad)
+
+
+def test_clip_range_scales_with_the_inverse_square_root_of_the_dimension_count(rng):
+  """clip(D) = clip * sqrt(D_ref / D): the published clip at the published D, and the same multiple
+  of a dimension-averaged log-ratio's spread (which falls as 1 / sqrt(D)) at any other D."""
+  config = precise_2d.get_config("smoke")
+  ref = config.grpo.clip_ref_dim
+  assert grpo_task.effective_clip_range(config, (32, 64, 64)) == pytest.approx(4e-6)
+  assert grpo_task.effective_clip_range(config, (2,)) == pytest.approx(4e-6 * np.sqrt(ref / 2))
+  config.grpo.clip_ref_dim = 0
+  assert grpo_task.effective_clip_range(config, (2,)) == 4e-6
+  # The invariance it buys: the mean over D dims of z * dmu (z ~ N(0, 1)) spreads as dmu / sqrt(D),
+  # so a clip at k * clip(D), k = dmu / (4e-6 sqrt(ref)), cuts it at one standard deviation for every D.
+  config.grpo.clip_ref_dim = ref
+  dmu = 0.01
+  k = dmu / (4e-6 * np.sqrt(ref))
+  for dim in (4, 64, 1024):
+    clip = k * grpo_task.effective_clip_range(config, (dim,))
+    outside = np.mean(np.abs((rng.standard_normal((20000, dim)) * dmu).mean(1)) > clip)
+    assert abs(outside - 0.3173) < 0.02, (dim, outside)     # P(|N(0, 1)| > 1); 6 s.e. of 20000 draws
 
 
 @pytest.mark.parametrize("method, eta", [("precise", 1.5), ("flow_grpo", 0.7)])
