@@ -53,6 +53,27 @@ def recompose(alpha_B: jax.Array, beta_B: jax.Array, u: jax.Array, x: jax.Array)
   return (_expand(alpha_B, x) * x + _expand(beta_B * x_norm_B, u) * u).astype(x.dtype)
 
 
+def reorthogonalize(u: jax.Array, x: jax.Array) -> jax.Array:
+  """u [B, ...] made orthogonal to x [B, ...] again and rescaled to unit norm per sample (u = 0 stays 0).
+
+  A DEVIATION from arXiv 2605.23381's released code, for an ablation: the code recomposes with the
+  last u, which is orthogonal to the x of its own step, not to the current x.
+  """
+  if u.shape != x.shape or x.ndim < 1:
+    raise ValueError(f"u and x must share a shape [B, ...]; got u {u.shape} and x {x.shape}")
+  x = x.astype(u.dtype)
+  r = u - _expand(_per_sample(jnp.sum, u * x) / _per_sample(jnp.sum, x * x), x) * x
+  r_norm_B = jnp.sqrt(_per_sample(jnp.sum, r * r))
+  nonzero_B = r_norm_B > _TINY
+  return r / _expand(jnp.where(nonzero_B, r_norm_B, 1.0), r) * _expand(nonzero_B, r)
+
+
+def relative_error(v_hat: jax.Array, v: jax.Array) -> jax.Array:
+  """||v_hat - v|| / ||v|| over all entries (a scalar; 0 where v = v_hat = 0)."""
+  diff, norm = jnp.sqrt(jnp.sum((v_hat - v) ** 2)), jnp.sqrt(jnp.sum(v ** 2))
+  return jnp.where(norm > 0, diff / jnp.where(norm > 0, norm, 1.0), jnp.where(diff > 0, jnp.inf, 0.0))
+
+
 def extrapolate(t, t_prev, f_prev, t_last, f_last):
   """The line through (t_prev, f_prev) and (t_last, f_last), evaluated at t (any broadcastable shapes)."""
   return f_last + (t - t_last) * (f_last - f_prev) / (t_last - t_prev)

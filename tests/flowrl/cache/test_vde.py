@@ -86,3 +86,29 @@ def test_full_step_indices_by_hand():
 def test_full_step_indices_rejects_bad_input(args, match):
   with pytest.raises(ValueError, match=match):
     vde.full_step_indices(*args)
+
+
+def test_reorthogonalize_projects_u_off_the_current_x_and_renormalises(rng):
+  x = rng.normal(size=(4, 3, 5))
+  u = rng.normal(size=(4, 3, 5))
+  u[2] = 0.0                                             # no direction stays none
+  got = np.asarray(vde.reorthogonalize(jnp.asarray(u, jnp.float32), jnp.asarray(x, jnp.float32)))
+  flat_u, flat_x = u.reshape(4, -1), x.reshape(4, -1)
+  r = flat_u - (np.sum(flat_u * flat_x, 1) / np.sum(flat_x ** 2, 1))[:, None] * flat_x
+  norm = np.linalg.norm(r, axis=1, keepdims=True)
+  expected = np.where(norm > 0, r / np.where(norm > 0, norm, 1), 0).reshape(x.shape)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[2], 0.0)
+  np.testing.assert_allclose(np.sum(got.reshape(4, -1) * flat_x, 1), 0.0, atol=1e-5)
+  with pytest.raises(ValueError, match="share a shape"):
+    vde.reorthogonalize(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+
+
+def test_relative_error_is_the_ratio_of_norms_over_everything(rng):
+  v, v_hat = rng.normal(size=(2, 2, 3, 4))
+  expected = np.linalg.norm(v_hat - v) / np.linalg.norm(v)
+  np.testing.assert_allclose(vde.relative_error(jnp.asarray(v_hat), jnp.asarray(v)), expected,
+                             rtol=1e-5)
+  zero = jnp.zeros((2, 3))
+  assert float(vde.relative_error(zero, zero)) == 0.0
+  assert float(vde.relative_error(zero + 1, zero)) == np.inf
