@@ -3,27 +3,32 @@
   x0, nfe_B = sample(model, params, x_T, 50, vde(stable_step=6, interval=3), y=y, cfg_scale=2.0)
 
 Policies (see each factory): `full`, `fewer_steps`, `vde` (arXiv 2605.23381, the released fixed
-schedule), `vde_adaptive` (ours), `teacache` (arXiv 2411.19108), `easycache` (arXiv 2507.02860) and
-`fora` (arXiv 2407.01425). Notation of `core/flow.py`: t = 1 is noise, the Euler step from t to s < t is
-x_s = x_t + (s - t) v.
+schedule), three adaptive VDE schedules of ours (`vde_adaptive`, `vde_residual`, `vde_budget`),
+`teacache` (arXiv 2411.19108), `easycache` (arXiv 2507.02860) and `fora` (arXiv 2407.01425). Every
+VDE policy takes reorthogonalize=True, an ablation that deviates from the released code. Notation of
+`core/flow.py`: t = 1 is noise, the Euler step from t to s < t is x_s = x_t + (s - t) v.
 
 Skipping is real, so wall-clock savings are too:
 - static policies (full, fewer_steps, vde, fora) know their full steps before sampling; full and
   fewer_steps are `flow.euler_sample`, vde and fora unroll the steps in Python at trace time, so a
   skipped step holds no network call in the compiled program;
-- dynamic policies (vde_adaptive, teacache, easycache) decide while sampling: a `lax.scan` over the
-  steps whose network call sits in one branch of a `lax.cond`, which XLA executes alone on CPU and GPU.
+- dynamic policies (the adaptive VDE schedules, teacache, easycache) decide while sampling: a
+  `lax.scan` over the steps whose network call sits in one branch of a `lax.cond` (`lax.switch` over
+  the subsets of branches for TeaCache's per-branch decisions), which XLA executes alone on CPU and GPU.
 A batch shares one decision per step (the signals are means over the whole batch, as in the public
 code run with a batch); `sample(..., per_sample=True)` decides for each sample alone.
 
 With classifier-free guidance the model's K = 2 velocity branches (conditional, unconditional) are
 evaluated on one stacked batch and cached (and, for VDE, decomposed) separately; they are mixed as
-`flow.cfg_velocity` does only for the Euler step.
+`flow.cfg_velocity` does only for the Euler step. TeaCache decides for each branch on its own, as its
+public CFG code does, and may run the blocks on one branch's rows only. The NFE counts whole
+evaluations: a branch computed alone counts 1 / K.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -36,12 +41,14 @@ from flowrl.cache import vde as vde_math
 
 
 class Network(NamedTuple):
-  """A velocity model cut where the caching policies need it. Branches are stacked: [K, B, ...].
+  """A velocity model cut where the caching policies need it, for K branches (K = 2 with guidance).
 
-  embed: (x [B, ...], t [B]) -> (h, c), the cheap input side of every branch.
-  signal: (h, c) -> TeaCache's signal (the first block's modulated input).
-  blocks: (h, c) -> h, the expensive part: one call is one network function evaluation (NFE).
-  head: (h, c) -> v [K, B, ...], the output side.
+  embed: (x [B, ...], t [B]) -> (h, c), the cheap input side of every branch: pytrees whose leaves
+    have K * B rows, branch-major (rows k B .. (k + 1) B - 1 belong to branch k).
+  signal: (h, c) -> TeaCache's signal [K * B, ...] (the first block's modulated input).
+  blocks: (h, c) -> h, the expensive part, row by row: it may be given the rows of some branches
+    only. One call on every row is one network function evaluation (NFE).
+  head: (h, c) -> v [K, B, ...], the output side, on every row.
   combine: v [K, B, ...] -> v [B, ...], the velocity that is integrated.
   """
   embed: Callable[[jax.Array, jax.Array], tuple[Any, Any]]
@@ -61,15 +68,43 @@ def guidance(scale) -> Callable[[jax.Array], jax.Array]:
   return lambda v_2xB: flow.cfg_mix(v_2xB[0], v_2xB[1], scale)
 
 
-def velocity_network(branches_fn: Callable[[jax.Array, jax.Array], jax.Array],
-                     combine: Callable[[jax.Array], jax.Array] = first_branch) -> Network:
-  """A Network around a plain (x [B, ...], t [B]) -> v [K, B, ...] function.
+def _guided_rows(cond, null_cond):
+  """cond's leaves [B, ...] stacked over [conditional; unconditional] rows, as `flow.cfg_velocity`."""
+  return jax.tree.map(
+      lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)]),
+      cond, null_cond)
 
-  It has no inside: the "blocks" are the whole function, TeaCache's signal is x itself and its
-  residual v - x (so teacache and fora still run, as input-level caches).
+
+def velocity_network(velocity_fn: Callable[..., jax.Array], cond: Any = None, null_cond: Any = None,
+                     cfg_scale: float = 1.0) -> Network:
+  """A Network around a plain velocity function, conditioned as `flow.cfg_velocity`.
+
+  velocity_fn: (x [N, ...], t [N]) -> v [N, ...] when cond is None, else (x, t, cond) -> v with cond a
+  pytree of [N, ...] leaves (e.g. int labels [N]). cond: the batch's condition ([B, ...] leaves);
+  with cfg_scale != 1 the K = 2 branches are the rows [conditional; unconditional], the latter with
+  null_cond (broadcast like cond's leaves), mixed by `guidance(cfg_scale)`; otherwise K = 1.
+  It has no inside: the "blocks" are the whole function on the rows they are given, TeaCache's signal
+  is x itself and its residual v - x (so teacache and fora still run, as input-level caches).
   """
-  return Network(embed=lambda x, t: (x, t), signal=lambda h, c: h, blocks=branches_fn,
-                 head=lambda h, c: h, combine=combine)
+  guided = cfg_scale != 1.0
+  if guided and (cond is None or null_cond is None):
+    raise ValueError(f"cond and null_cond are required for guidance (cfg_scale = {cfg_scale} != 1); "
+                     f"got cond={'None' if cond is None else 'given'}, "
+                     f"null_cond={'None' if null_cond is None else 'given'}")
+  num_branches = 2 if guided else 1
+  rows_cond = _guided_rows(cond, null_cond) if guided else cond
+
+  def embed(x, t_B):
+    rows = lambda a: jnp.concatenate([a] * num_branches)
+    return rows(x), (rows(t_B), rows_cond)
+
+  def blocks(h, c):
+    t_N, cond_N = c
+    return velocity_fn(h, t_N) if cond_N is None else velocity_fn(h, t_N, cond_N)
+
+  return Network(embed=embed, signal=lambda h, c: h, blocks=blocks,
+                 head=lambda h, c: h.reshape(num_branches, -1, *h.shape[1:]),
+                 combine=guidance(cfg_scale) if guided else first_branch)
 
 
 def dit_network(model, params, shape: tuple[int, int, int], *, y: jax.Array | None = None,
@@ -118,13 +153,36 @@ def _stack(x: jax.Array, num_branches: int) -> jax.Array:
   return jnp.broadcast_to(x, (num_branches, *x.shape)).reshape(num_branches * x.shape[0], *x.shape[1:])
 
 
+def _branch_rows(tree, branches: tuple[int, ...], num_branches: int):
+  """The rows of the given branches (static, increasing) of every leaf [K * B, ...]: [len * B, ...]."""
+  def take(a):
+    a_K = a.reshape(num_branches, -1, *a.shape[1:])[jnp.asarray(branches)]
+    return a_K.reshape(-1, *a.shape[1:])
+  return jax.tree.map(take, tree)
+
+
+def _set_branch_rows(tree, rows_tree, branches: tuple[int, ...], num_branches: int):
+  """tree's leaves [K * B, ...] with the rows of the given branches replaced by rows_tree's."""
+  def put(a, rows):
+    a_K = a.reshape(num_branches, -1, *a.shape[1:])
+    return a_K.at[jnp.asarray(branches)].set(rows.reshape(len(branches), *a_K.shape[1:])).reshape(a.shape)
+  return jax.tree.map(put, tree, rows_tree)
+
+
+def _num_branches(h, x: jax.Array) -> int:
+  """K, from the rows [K * B, ...] of embed's output h and the batch x [B, ...]."""
+  return jax.tree.leaves(h)[0].shape[0] // x.shape[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # The two step loops. A policy supplies, over its own state pytree:
 #   decide(net, state, i, last, x, t) -> (compute, state, aux)   every step; cheap
 #   evaluate(net, state, aux, i, x, t) -> (v [K, B, ...], state)   runs the network
 #   estimate(net, state, aux, i, x, t) -> (v [K, B, ...], state)   does not
 # i is the step index (an int in the static loop, traced in the dynamic one), last whether it is the
-# final step, t the step's time.
+# final step, t the step's time. A dynamic policy that decides per branch returns compute [K] (bool)
+# and supplies evaluate_branches(net, computed, state, aux, i, x, t) for every static tuple
+# `computed` of K bools instead of evaluate and estimate.
 
 
 def euler_step(net: Network, x: jax.Array, t, s, v_K: jax.Array) -> jax.Array:
@@ -140,22 +198,30 @@ def _run_static(net, policy, state, x_T, grid, pattern: tuple[bool, ...]):
     _, state, aux = policy.decide(net, state, i, i == len(pattern) - 1, x, t)
     v_K, state = (policy.evaluate if compute else policy.estimate)(net, state, aux, i, x, t)
     x = euler_step(net, x, t, s, v_K)
-  return x, jnp.asarray(sum(pattern), jnp.int32)
+  return x, jnp.asarray(sum(pattern), jnp.float32)
 
 
 def _run_dynamic(net, policy, state, x_T, grid):
-  """lax.scan over the steps; the network runs inside the taken branch of a lax.cond."""
+  """lax.scan over the steps; the network runs inside the taken branch of a lax.cond, or, for
+  per-branch decisions compute [K], of a lax.switch over the 2^K subsets of branches computed."""
   num_steps = grid.shape[0] - 1
 
   def step(carry, its):
     x, state, nfe = carry
     i, t, s = its
     compute, state, aux = policy.decide(net, state, i, i == num_steps - 1, x, t)
-    v_K, state = jax.lax.cond(compute, functools.partial(policy.evaluate, net),
-                              functools.partial(policy.estimate, net), state, aux, i, x, t)
-    return (euler_step(net, x, t, s, v_K), state, nfe + compute.astype(jnp.int32)), None
+    if jnp.ndim(compute) == 0:
+      v_K, state = jax.lax.cond(compute, functools.partial(policy.evaluate, net),
+                                functools.partial(policy.estimate, net), state, aux, i, x, t)
+    else:
+      subsets = list(itertools.product((False, True), repeat=compute.shape[0]))
+      index = jnp.sum(compute.astype(jnp.int32) * 2 ** jnp.arange(compute.shape[0] - 1, -1, -1))
+      v_K, state = jax.lax.switch(
+          index, [functools.partial(policy.evaluate_branches, net, c) for c in subsets],
+          state, aux, i, x, t)
+    return (euler_step(net, x, t, s, v_K), state, nfe + jnp.mean(compute.astype(jnp.float32))), None
 
-  (x, _, nfe), _ = jax.lax.scan(step, (x_T, state, jnp.int32(0)),
+  (x, _, nfe), _ = jax.lax.scan(step, (x_T, state, jnp.float32(0)),
                                 (jnp.arange(num_steps), grid[:-1], grid[1:]))
   return x, nfe
 
@@ -193,7 +259,7 @@ class Full:
   def run(self, net, x_T, num_steps, shift):
     grid = flow.time_grid(self.steps or num_steps, shift=shift)
     x = flow.euler_sample(lambda x, t_B: net.combine(network_velocity(net, x, t_B)), x_T, grid)
-    return x, jnp.asarray(grid.shape[0] - 1, jnp.int32)
+    return x, jnp.asarray(grid.shape[0] - 1, jnp.float32)
 
 
 def full() -> Full:
@@ -241,8 +307,9 @@ class _VDEMixin:
     alpha = vde_math.extrapolate(t, s.t_prev, s.alpha_prev, s.t_last, s.alpha_last)
     beta = vde_math.extrapolate(t, s.t_prev, s.beta_prev, s.t_last, s.beta_last)
     k = alpha.shape[0] // x.shape[0]
-    v = vde_math.recompose(alpha, beta, s.u_last, _stack(x, k))
-    return v.reshape(k, *x.shape), state
+    x_rows = _stack(x, k)
+    u = vde_math.reorthogonalize(s.u_last, x_rows) if self.reorthogonalize else s.u_last
+    return vde_math.recompose(alpha, beta, u, x_rows).reshape(k, *x.shape), state
 
 
 @flax.struct.dataclass
@@ -250,6 +317,7 @@ class VDE(_VDEMixin):
   """VDE's fixed schedule (see `vde`)."""
   stable_step: int = flax.struct.field(pytree_node=False)
   interval: int = flax.struct.field(pytree_node=False)
+  reorthogonalize: bool = flax.struct.field(pytree_node=False, default=False)
 
   def decide(self, net, state, i, last, x, t):
     return None, state, None
@@ -261,14 +329,23 @@ class VDE(_VDEMixin):
                        pattern)
 
 
-def vde(stable_step: int = 6, interval: int = 3) -> VDE:
+def _check_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a bool; got {value!r}")
+  return bool(value)
+
+
+def vde(stable_step: int = 6, interval: int = 3, *, reorthogonalize: bool = False) -> VDE:
   """VDE with the released code's fixed schedule (`vde.full_step_indices`).
 
   A skipped step uses v = alpha x + beta ||x|| u with alpha, beta extrapolated linearly in t through
   the last two anchors and u of the last full evaluation (arXiv 2605.23381, Sec. 3).
+  reorthogonalize: an ablation, a DEVIATION from the released code: a skipped step first makes u
+  orthogonal to the current x again (`vde.reorthogonalize`). The same in every VDE policy.
   """
   return VDE(stable_step=_check_int("stable_step", stable_step, 1),
-             interval=_check_int("interval", interval, 1))
+             interval=_check_int("interval", interval, 1),
+             reorthogonalize=_check_bool("reorthogonalize", reorthogonalize))
 
 
 @flax.struct.dataclass
@@ -276,6 +353,7 @@ class VDEAdaptive(_VDEMixin):
   """VDE with our adaptive schedule (see `vde_adaptive`)."""
   tolerance: jax.Array
   stable_step: int = flax.struct.field(pytree_node=False)
+  reorthogonalize: bool = flax.struct.field(pytree_node=False, default=False)
 
   def decide(self, net, state, i, last, x, t):
     s = state
@@ -288,8 +366,9 @@ class VDEAdaptive(_VDEMixin):
     return _run_dynamic(net, self, self.init(net, x_T), x_T, flow.time_grid(num_steps, shift=shift))
 
 
-def vde_adaptive(tolerance: float, stable_step: int = 6) -> VDEAdaptive:
-  """VDE whose full evaluations come sooner where alpha and beta move fast (our rule).
+def vde_adaptive(tolerance: float, stable_step: int = 6, *,
+                 reorthogonalize: bool = False) -> VDEAdaptive:
+  """VDE whose full evaluations come sooner where alpha and beta move fast (our rule (a)).
 
   The paper (arXiv 2605.23381) describes an adaptive interval but its code uses fixed ones. Ours:
   every step i <= stable_step and the last step are evaluated, as in `vde`; afterwards, from the last
@@ -299,9 +378,135 @@ def vde_adaptive(tolerance: float, stable_step: int = 6) -> VDEAdaptive:
   (and re-anchors) once drift >= tolerance, and otherwise estimated as in `vde`. So the interval is
   about tolerance / (speed |dt|) steps: short where the scalars change fast. tolerance 0 evaluates
   every step, a larger one fewer; the NFE falls monotonically enough to bisect for a target NFE.
+  reorthogonalize: the ablation of `vde`.
   """
   return VDEAdaptive(tolerance=_check_float("tolerance", tolerance),
-                     stable_step=_check_int("stable_step", stable_step, 1))
+                     stable_step=_check_int("stable_step", stable_step, 1),
+                     reorthogonalize=_check_bool("reorthogonalize", reorthogonalize))
+
+
+def interval_change(error: jax.Array, tolerance: jax.Array) -> jax.Array:
+  """How the residual moves the interval (int32): -1 when error > tolerance, +1 when
+  error < tolerance / 2, 0 in between (a dead band, so that a steady error holds the interval)."""
+  return jnp.where(error > tolerance, -1, jnp.where(error < tolerance / 2, 1, 0)).astype(jnp.int32)
+
+
+class _ScheduleState(NamedTuple):
+  vde: _VDEState
+  next_full: jax.Array    # int32: the step of the next full evaluation after the warm-up
+  interval: jax.Array     # int32: the last interval chosen
+  nfe: jax.Array          # int32: full evaluations so far
+  last_step: jax.Array    # int32: num_steps - 1
+
+
+class _ScheduledVDE(_VDEMixin):
+  """VDE whose every full evaluation after the warm-up measures the residual, the relative error
+  ||v_hat - v|| / ||v|| (`vde.relative_error`, over the batch and the branches) that the estimate
+  v_hat of a skipped step (extrapolated alpha and beta, the last u, recomposed at the current x) would
+  have had against the velocity v just computed, and sets the interval to the next full evaluation
+  from it (`next_interval`, int32 >= 1). Steps i <= stable_step and the last step are always
+  evaluated; the warm-up's last evaluation (i = stable_step) has no residual yet (its anchors are not
+  both kept) and uses a change of 0."""
+
+  def decide(self, net, state, i, last, x, t):
+    return (i <= self.stable_step) | last | (i >= state.next_full), state, None
+
+  def evaluate(self, net, state, aux, i, x, t):
+    v_hat_K, _ = _VDEMixin.estimate(self, net, state.vde, aux, i, x, t)
+    v_K, vde_state = _VDEMixin.evaluate(self, net, state.vde, aux, i, x, t)
+    change = jnp.where(i > self.stable_step,
+                       interval_change(vde_math.relative_error(v_hat_K, v_K), self.tolerance), 0)
+    state = state._replace(vde=vde_state, nfe=state.nfe + 1)
+    interval = self.next_interval(state, change, i)
+    return v_K, state._replace(interval=interval, next_full=i + interval)
+
+  def estimate(self, net, state, aux, i, x, t):
+    v_K, _ = _VDEMixin.estimate(self, net, state.vde, aux, i, x, t)
+    return v_K, state
+
+  def run(self, net, x_T, num_steps, shift):
+    vde_math.full_step_indices(num_steps, self.stable_step, 1)   # stable_step < num_steps
+    state = _ScheduleState(self.init(net, x_T), jnp.int32(0), jnp.int32(0), jnp.int32(0),
+                           jnp.int32(num_steps - 1))
+    return _run_dynamic(net, self, state, x_T, flow.time_grid(num_steps, shift=shift))
+
+
+@flax.struct.dataclass
+class VDEResidual(_ScheduledVDE):
+  """VDE with the residual rule (see `vde_residual`)."""
+  tolerance: jax.Array
+  stable_step: int = flax.struct.field(pytree_node=False)
+  interval: int = flax.struct.field(pytree_node=False)
+  reorthogonalize: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def next_interval(self, state, change, i):
+    previous = jnp.where(i > self.stable_step, state.interval, self.interval)
+    return jnp.maximum(previous + change, 1)
+
+
+def vde_residual(tolerance: float, stable_step: int = 6, interval: int = 3, *,
+                 reorthogonalize: bool = False) -> VDEResidual:
+  """VDE whose interval follows the residual of its own estimate (our rule (b), issue 17).
+
+  Every step i <= stable_step and the last step are evaluated. The warm-up's last evaluation schedules
+  the next one `interval` steps later (as `vde`'s fixed schedule); at each later full evaluation the
+  residual r = ||v_hat - v|| / ||v|| of the estimate that a skipped step would have made there (see
+  `_ScheduledVDE`) moves the interval by `interval_change(r, tolerance)`:
+      interval <- max(1, interval + (+1 if r < tolerance / 2, -1 if r > tolerance, else 0)),
+  and the next full evaluation comes `interval` steps later. tolerance 0 shrinks the interval by one
+  per evaluation down to 1; a huge one lengthens it by one per evaluation.
+  reorthogonalize: the ablation of `vde`.
+  """
+  return VDEResidual(tolerance=_check_float("tolerance", tolerance),
+                     stable_step=_check_int("stable_step", stable_step, 1),
+                     interval=_check_int("interval", interval, 1),
+                     reorthogonalize=_check_bool("reorthogonalize", reorthogonalize))
+
+
+@flax.struct.dataclass
+class VDEBudget(_ScheduledVDE):
+  """VDE with the budget-aware rule (see `vde_budget`)."""
+  tolerance: jax.Array
+  budget: int = flax.struct.field(pytree_node=False)
+  stable_step: int = flax.struct.field(pytree_node=False)
+  reorthogonalize: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def next_interval(self, state, change, i):
+    remaining = self.budget - state.nfe            # evaluations left, the forced last step included
+    steps = state.last_step - i                    # steps left after this one
+    safe = jnp.maximum(remaining, 1)
+    spread = (2 * steps + safe) // (2 * safe)      # steps / remaining, rounded half up
+    return jnp.where(remaining <= 1, jnp.maximum(steps, 1), jnp.maximum(spread + change, 1))
+
+  def run(self, net, x_T, num_steps, shift):
+    if self.budget > num_steps:
+      raise ValueError(f"budget must be <= num_steps = {num_steps}; got {self.budget}")
+    return super().run(net, x_T, num_steps, shift)
+
+
+def vde_budget(budget: int, tolerance: float, stable_step: int = 6, *,
+               reorthogonalize: bool = False) -> VDEBudget:
+  """VDE spending a total budget of full evaluations, nudged by the residual (our rule (c), issue 17).
+
+  Every step i <= stable_step and the last step are evaluated. After the full evaluation at step i,
+  with n evaluations made so far, R = budget - n left (the forced last step included) and
+  S = num_steps - 1 - i steps to go, the next full evaluation comes after
+      interval = S                                  if R <= 1 (only the last step is left),
+      interval = max(1, round(S / R) + change)      otherwise,
+  where round is half up and change = `interval_change(r, tolerance)` in {-1, 0, +1} of the residual r
+  (see `vde_residual`; 0 at the warm-up's last evaluation). So the NFE never exceeds the budget, and
+  with change 0 the evaluations are spread evenly: 50 steps, stable_step 6 and budget 16 / 18 / 22
+  give intervals of about 5 / 4 / 3, the fixed schedules' NFE. tolerance trades the residual's pull:
+  0 always shortens (-1), which spends exactly the budget (each interval then leaves at least as many
+  steps as evaluations), a huge one always lengthens (+1). budget in [stable_step + 2, num_steps].
+  reorthogonalize: the ablation of `vde`.
+  """
+  stable_step = _check_int("stable_step", stable_step, 1)
+  return VDEBudget(tolerance=_check_float("tolerance", tolerance),
+                   budget=_check_int("budget (full evaluations, warm-up and last step included)",
+                                     budget, stable_step + 2),
+                   stable_step=stable_step,
+                   reorthogonalize=_check_bool("reorthogonalize", reorthogonalize))
 
 
 def teacache_update(acc, d, coefficients, threshold, forced):
@@ -316,9 +521,9 @@ def teacache_update(acc, d, coefficients, threshold, forced):
 
 
 class _ResidualState(NamedTuple):
-  acc: jax.Array
-  signal_prev: jax.Array
-  residual: Any           # blocks(h) - h of the last full evaluation
+  acc: jax.Array          # [K]: one accumulator per branch
+  signal_prev: jax.Array  # [K * B, ...]
+  residual: Any           # blocks(h) - h of each branch's last full evaluation, rows [K * B, ...]
 
 
 def _residual_state(net, x_T, signal: bool) -> _ResidualState:
@@ -327,21 +532,39 @@ def _residual_state(net, x_T, signal: bool) -> _ResidualState:
                                     tree)
   m = zeros(jax.eval_shape(net.signal, h, c)) if signal else jnp.float32(0)
   residual = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(net.blocks, h, c))
-  return _ResidualState(jnp.float32(0), m, residual)
+  return _ResidualState(jnp.zeros((_num_branches(h, x_T),), jnp.float32), m, residual)
 
 
 class _ResidualMixin:
   """Full evaluation and residual reuse (TeaCache, FORA): embed and head run at every step."""
 
-  def evaluate(self, net, state, aux, i, x, t):
+  def evaluate_branches(self, net, computed: tuple[bool, ...], state, aux, i, x, t):
+    """The blocks run on the rows of the branches marked in `computed` (static bools [K]) and renew
+    their residual; the other branches add their cached residual to h. Returns (v [K, B, ...], state)."""
     h, c = aux
-    h_out = net.blocks(h, c)
-    residual = jax.tree.map(jnp.subtract, h_out, h)
+    num_branches = len(computed)
+    branches = tuple(k for k, on in enumerate(computed) if on)
+    reused = jax.tree.map(jnp.add, h, state.residual)
+    if not branches:
+      return net.head(reused, c), state
+    if len(branches) == num_branches:
+      h_in, c_in = h, c
+    else:
+      h_in, c_in = _branch_rows((h, c), branches, num_branches)
+    h_out = net.blocks(h_in, c_in)
+    residual = jax.tree.map(jnp.subtract, h_out, h_in)
+    if len(branches) < num_branches:
+      h_out = _set_branch_rows(reused, h_out, branches, num_branches)
+      residual = _set_branch_rows(state.residual, residual, branches, num_branches)
     return net.head(h_out, c), state._replace(residual=residual)
 
+  def evaluate(self, net, state, aux, i, x, t):
+    computed = (True,) * _num_branches(aux[0], x)
+    return self.evaluate_branches(net, computed, state, aux, i, x, t)
+
   def estimate(self, net, state, aux, i, x, t):
-    h, c = aux
-    return net.head(jax.tree.map(jnp.add, h, state.residual), c), state
+    computed = (False,) * _num_branches(aux[0], x)
+    return self.evaluate_branches(net, computed, state, aux, i, x, t)
 
 
 @flax.struct.dataclass
@@ -353,12 +576,14 @@ class TeaCache(_ResidualMixin):
   def decide(self, net, state, i, last, x, t):
     h, c = net.embed(x, _t_batch(t, x))
     m = net.signal(h, c).astype(jnp.float32)
+    num_branches = _num_branches(h, x)
+    per_branch = lambda a: jnp.mean(jnp.abs(a.reshape(num_branches, -1)), axis=1)
     first = i == 0
     # The first step has no previous signal; it is forced, so its distance is never used.
-    d = jnp.where(first, 0.0, _mean_abs(m - state.signal_prev)
-                  / jnp.where(first, 1.0, _mean_abs(state.signal_prev)))
-    compute, acc = teacache_update(state.acc, d, self.coefficients, self.threshold, first | last)
-    return compute, state._replace(acc=acc, signal_prev=m), (h, c)
+    d_K = jnp.where(first, 0.0, per_branch(m - state.signal_prev)
+                    / jnp.where(first, 1.0, per_branch(state.signal_prev)))
+    compute_K, acc_K = teacache_update(state.acc, d_K, self.coefficients, self.threshold, first | last)
+    return compute_K, state._replace(acc=acc_K, signal_prev=m), (h, c)
 
   def run(self, net, x_T, num_steps, shift):
     return _run_dynamic(net, self, _residual_state(net, x_T, signal=True), x_T,
@@ -369,8 +594,11 @@ def teacache(threshold: float, coefficients=(1.0, 0.0)) -> TeaCache:
   """TeaCache (arXiv 2411.19108): reuse the blocks' residual while the accumulated, rescaled change
   of the first block's modulated input stays below threshold.
 
-  d = mean|m_t - m_prev| / mean|m_prev| with m the signal of the current and previous step; the
-  accumulator and the forced first and last steps are `teacache_update`. coefficients: the rescaling
+  Each branch k (conditional, unconditional) decides on its own, with its own accumulator, as the
+  public CFG code (TeaCache4Wan2.1's teacache_forward: accumulated_rel_l1_distance_even / _odd):
+  d_k = mean|m_k - m_k,prev| / mean|m_k,prev| over branch k's rows of the signal m at the current and
+  previous step; the accumulator and the forced first and last steps are `teacache_update`. A branch
+  that computes runs the blocks on its rows alone (1 / K of an NFE). coefficients: the rescaling
   polynomial, highest degree first, fitted per model by `python -m flowrl.cache.calibrate`
   ((1, 0): d itself).
   """
@@ -417,7 +645,8 @@ def easycache_update(err, k, input_change, output_scale, tau, forced):
 
 class _EasyCacheState(NamedTuple):
   err: jax.Array
-  k: jax.Array            # output change / input change between the last two full evaluations
+  k: jax.Array            # the conditional branch's output change / input change between the last
+                          # two full evaluations
   x_prev: jax.Array       # the previous step's input
   x_full: jax.Array       # the input and output of the last full evaluation
   v_full: jax.Array       # [K, B, ...]
@@ -434,14 +663,14 @@ class EasyCache:
     first = i == 0
     # The first step is in the warm-up, so its (undefined) input change is never used.
     change = jnp.where(first, 0.0, _mean_abs(x - s.x_prev))
-    scale = jnp.where(first, 1.0, _mean_abs(s.v_full))
+    scale = jnp.where(first, 1.0, _mean_abs(s.v_full[0]))
     compute, err = easycache_update(s.err, s.k, change, scale, self.tau, (i < self.warmup) | last)
     return compute, s._replace(err=err, x_prev=x), None
 
   def evaluate(self, net, state, aux, i, x, t):
     v_K = network_velocity(net, x, _t_batch(t, x))
     # The first evaluation has nothing to compare with (x_full = x there: 0 / 0).
-    k = jnp.where(i == 0, state.k, _mean_abs(v_K - state.v_full) / _mean_abs(x - state.x_full))
+    k = jnp.where(i == 0, state.k, _mean_abs(v_K[0] - state.v_full[0]) / _mean_abs(x - state.x_full))
     return v_K, state._replace(k=k, x_full=x, v_full=v_K)
 
   def estimate(self, net, state, aux, i, x, t):
@@ -456,22 +685,28 @@ class EasyCache:
     return _run_dynamic(net, self, state, x_T, flow.time_grid(num_steps, shift=shift))
 
 
-def easycache(tau: float, warmup: int = 2) -> EasyCache:
+def easycache(tau: float, warmup: int = 10) -> EasyCache:
   """EasyCache (arXiv 2507.02860): reuse delta = v - x of the last full evaluation while the
   accumulated predicted output change stays below tau.
 
   The first `warmup` steps and the last step are evaluated; at a full evaluation
-  k = mean|v - v_full| / mean|x - x_full| (the previous full evaluation's input and output); at each
-  later step err += k mean|x_t - x_prev| / mean|v_full| (`easycache_update`); err < tau reuses
-  v = x_t + delta. warmup >= 2, so that k exists before the first decision.
+  k = mean|v_c - v_c,full| / mean|x - x_full| (the previous full evaluation's input and output);
+  at each later step err += k mean|x_t - x_prev| / mean|v_c,full| (`easycache_update`); err < tau
+  reuses v = x_t + delta, each branch with its own delta. v_c is the conditional branch (the only one
+  with K = 1): as in the public code, k, the output scale and so the decision, shared by both
+  branches, come from the conditional pass alone (EasyCache4Wan2.1/easycache_generate.py,
+  easycache_forward: the "even" calls; github.com/H-EmbodVis/EasyCache).
+  warmup: the public code's ret_steps, 10 of Wan2.1's 50 steps (ret_steps = 10 * 2 calls, cond and
+  uncond) and 5 for HunyuanVideo; >= 2, so that k exists before the first decision.
   """
   return EasyCache(tau=_check_float("tau", tau), warmup=_check_int("warmup", warmup, 2))
 
 
-Policy = Full | VDE | VDEAdaptive | TeaCache | Fora | EasyCache
+Policy = Full | VDE | VDEAdaptive | VDEResidual | VDEBudget | TeaCache | Fora | EasyCache
 # Policy names for `sample(..., policy="vde")`: the constructors, called with their defaults.
 POLICIES = {"full": full, "fewer_steps": fewer_steps, "vde": vde, "vde_adaptive": vde_adaptive,
-            "teacache": teacache, "fora": fora, "easycache": easycache}
+            "vde_residual": vde_residual, "vde_budget": vde_budget, "teacache": teacache,
+            "fora": fora, "easycache": easycache}
 
 
 def make_policy(policy: Policy | str) -> Policy:
@@ -498,7 +733,8 @@ def sample_network(net: Network, x_T: jax.Array, num_steps: int, policy: Policy,
                    shift: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """Integrates from x_T [B, ...] at t = 1 to t = 0 on `flow.time_grid(num_steps, shift)`.
 
-  Returns (x0 [B, ...], nfe): nfe int32, the network evaluations made (one decision per batch).
+  Returns (x0 [B, ...], nfe): nfe float32, the network evaluations made (one decision per batch; a
+  branch evaluated alone counts 1 / K).
   """
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
     raise ValueError(f"num_steps must be an int >= 2; got {num_steps!r}")
@@ -543,7 +779,7 @@ def sample(model, params, x_T: jax.Array, num_steps: int, policy: Policy | str, 
   y: int labels [B] in [0, model.num_classes) for a class-conditional model, else None.
   per_sample: decide for each sample alone (a `lax.map` over batches of one, as the methods' public
   code runs one generation at a time) instead of once per batch.
-  Returns (x0 [B, H, W, C], nfe_B int32 [B]).
+  Returns (x0 [B, H, W, C], nfe_B float32 [B]).
   """
   policy = make_policy(policy)
   _check_inputs(model, params, x_T, y)

@@ -11,6 +11,7 @@ from core import flow
 from core.nn.dit import DiT, modulate
 from flowrl.cache import calibrate, sampling
 from tests.core.nn.random_params import random_params
+from tests.flowrl.cache.reference import TIE_MARGIN, reference
 
 B, H, W, C = 2, 8, 8, 1
 STEPS = 8
@@ -74,11 +75,11 @@ def test_teacache_on_the_dit_runs_the_blocks_only_when_it_computes(setup):
   ref, _ = run(sampling.full())
   calls.clear()
   x0, nfe = run(sampling.teacache(0.0))   # d >= 0: every step computes
-  assert int(nfe) == STEPS == len(calls)
+  assert float(nfe) == STEPS == len(calls)
   np.testing.assert_allclose(x0, ref, rtol=1e-5, atol=1e-5)
   calls.clear()
   x0, nfe = run(sampling.teacache(1e9))   # only the forced first and last steps
-  assert int(nfe) == 2 == len(calls)
+  assert float(nfe) == 2 == len(calls)
   assert np.abs(np.asarray(x0) - np.asarray(ref)).max() > 1e-4
 
 
@@ -147,15 +148,122 @@ def test_calibration_warns_when_the_fit_is_ill_conditioned(rng):
 
 def test_relative_changes_along_the_trajectory(rng):
   w = jnp.asarray(rng.normal(size=(5, 5)) / 3, jnp.float32)
-  fn = lambda x, t: (jnp.tanh(x @ w) * (1 + t[:, None]) - x)[None]
+  fn = lambda x, t: jnp.tanh(x @ w) * (1 + t[:, None]) - x
   x_T = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
   d_in, d_out = calibrate.relative_changes(sampling.velocity_network(fn), x_T, STEPS)
   grid = np.asarray(flow.time_grid(STEPS))
   xs, vs, x = [], [], np.asarray(x_T)
   for i in range(STEPS):
-    v = np.asarray(fn(jnp.asarray(x), jnp.full((3,), grid[i])))[0]
+    v = np.asarray(fn(jnp.asarray(x), jnp.full((3,), grid[i])))
     xs.append(x), vs.append(v)
     x = x + (grid[i + 1] - grid[i]) * v
   change = lambda a: np.abs(np.diff(a, axis=0)).mean(-1) / np.abs(np.asarray(a)[:-1]).mean(-1)
   np.testing.assert_allclose(d_in, change(np.stack(xs)), rtol=1e-4)
   np.testing.assert_allclose(d_out, change(np.stack(vs)), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptive VDE rules and TeaCache's per-branch decisions on the guided DiT, against Python loops.
+
+RULE_STEPS = 12
+RULES = {"vde_residual": (lambda: sampling.vde_residual(0.2, stable_step=2, interval=2),
+                          dict(stable_step=2, interval=2, tolerance=0.2)),
+         "vde_budget": (lambda: sampling.vde_budget(7, 0.2, stable_step=2),
+                        dict(stable_step=2, budget=7, tolerance=0.2))}
+
+
+@jax.jit
+def _guided_velocity(params, x_BxD, t_B, y):
+  """MODEL's branches [2, B, H * W * C] at flat inputs x [B, H * W * C], CFG scale 2."""
+  net = sampling.dit_network(MODEL, params, (H, W, C), y=y, cfg_scale=2.0)
+  return sampling.network_velocity(net, x_BxD.reshape(-1, H, W, C), t_B).reshape(2, x_BxD.shape[0], -1)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_adaptive_vde_rules_on_the_dit_match_a_python_loop(rng, name):
+  """The residual and budget rules on the guided DiT (random weights of scale 0.1, whose VDE
+  residuals, 0.1 - 0.5, straddle the tolerance) against the float64 loop around the DiT's
+  velocity: the same NFE and samples. Draws with a residual within TIE_MARGIN of a threshold are
+  redrawn."""
+  make, kw = RULES[name]
+  grid = np.asarray(flow.time_grid(RULE_STEPS), np.float64)
+  y = jnp.asarray(rng.integers(0, 3, size=B), jnp.int32)
+  for _ in range(20):
+    params = random_params(MODEL, rng, jnp.zeros((B, H, W, C)), jnp.zeros(B), y, scale=0.1)
+    x_T = rng.normal(size=(B, H * W * C))
+    np_fn = lambda x, t: np.asarray(_guided_velocity(params, jnp.asarray(x, jnp.float32),
+                                                     jnp.asarray(t, jnp.float32), y), np.float64)
+    margins = []
+    ref, ref_nfe = reference(np_fn, x_T, grid, name, lambda v: 2.0 * v[0] - v[1], margins=margins,
+                             **kw)
+    if min(margins) >= TIE_MARGIN:
+      break
+  else:
+    raise AssertionError("no draw without a near-tie in 20 tries")
+  x0, nfe = sampling.sample(MODEL, params, jnp.asarray(x_T, jnp.float32).reshape(B, H, W, C),
+                            RULE_STEPS, make(), y=y, cfg_scale=2.0)
+  assert nfe.tolist() == [ref_nfe] * B
+  assert ref_nfe < RULE_STEPS
+  np.testing.assert_allclose(np.asarray(x0).reshape(B, -1), ref, rtol=1e-4, atol=1e-4)
+
+
+def _teacache_loop(net, x, grid, threshold, margins):
+  """TeaCache with per-branch accumulators as a Python loop over the network's pieces (d itself as
+  the rescaling): each branch's blocks run on its own rows when it computes. Returns (x0, nfe)."""
+  embed, signal, blocks, head = (jax.jit(f) for f in (net.embed, net.signal, net.blocks, net.head))
+  n, acc, nfe = len(grid) - 1, np.zeros(2), 0.0
+  m_prev = residual = None
+  for i in range(n):
+    t, s = grid[i], grid[i + 1]
+    h, c = embed(x, jnp.full(B, t, jnp.float32))
+    m = np.asarray(signal(h, c), np.float64).reshape(2, -1)
+    compute = [True, True]
+    if 0 < i < n - 1:
+      for k in range(2):
+        acc[k] += np.mean(np.abs(m[k] - m_prev[k])) / np.mean(np.abs(m_prev[k]))
+        margins.append(abs(acc[k] - threshold) / threshold)
+        compute[k] = bool(acc[k] >= threshold)
+    acc[compute] = 0.0
+    m_prev = m
+    rows = lambda a, k: a[k * B:(k + 1) * B]
+    h_used, new_residual = [], []
+    for k in range(2):
+      if compute[k]:
+        out = blocks(rows(h, k), rows(c, k))
+        new_residual.append(out - rows(h, k))
+        h_used.append(out)
+      else:
+        new_residual.append(rows(residual, k))
+        h_used.append(rows(h, k) + rows(residual, k))
+    residual = jnp.concatenate(new_residual)
+    nfe += sum(compute) / 2
+    x = sampling.euler_step(net, x, t, s, head(jnp.concatenate(h_used), c))
+  return x, nfe
+
+
+def test_teacache_decides_per_branch_and_computes_one_branch_alone(setup, rng):
+  """The conditional and unconditional branches keep their own accumulators (their signals differ
+  through the label in the modulation), so at some thresholds only one branch computes at a step:
+  NFE x.5. At such a threshold (found with the loop) the sampler matches the per-branch loop, and
+  the blocks see B rows at those steps (counted: rows / (2 B) = NFE)."""
+  model, params, x, _, y = setup
+  net = sampling.dit_network(model, params, (H, W, C), y=y, cfg_scale=2.0)
+  grid = np.asarray(flow.time_grid(STEPS))
+  for threshold in rng.permutation(np.geomspace(1e-2, 10, 60)):
+    margins = []
+    ref, ref_nfe = _teacache_loop(net, x, grid, float(threshold), margins)
+    if ref_nfe % 1 == 0.5 and min(margins) >= TIE_MARGIN:
+      break
+  else:
+    raise AssertionError("no threshold where one branch computes alone (without a near-tie)")
+  rows = []
+
+  def blocks(h, c):
+    jax.debug.callback(lambda h: rows.append(h.shape[0]), h)
+    return net.blocks(h, c)
+
+  x0, nfe = jax.jit(lambda x: sampling.sample_network(
+      net._replace(blocks=blocks), x, STEPS, sampling.teacache(float(threshold))))(x)
+  assert float(nfe) == ref_nfe and ref_nfe % 1 == 0.5
+  assert sum(rows) / (2 * B) == ref_nfe and B in rows
+  np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4)

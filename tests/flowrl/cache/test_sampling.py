@@ -6,6 +6,7 @@ import pytest
 
 from core import flow
 from flowrl.cache import sampling, vde
+from tests.flowrl.cache.reference import TIE_MARGIN, reference
 
 STEPS = 20
 B, D = 3, 6
@@ -16,7 +17,11 @@ B, D = 3, 6
 
 
 def _field(rng, num_branches=1):
-  """(numpy fn, jax fn): (x [B, D], t [B]) -> v [K, B, D], v_k = tanh(x W_k) (1 + t) - c_k x."""
+  """(numpy fn, jax fn): v_k = tanh(x W_k) (1 + t) - c_k x for branch k.
+
+  numpy: (x [B, D], t [B]) -> v [K, B, D]. jax: (x [N, D], t [N]) -> v [N, D] of branch 0, or with
+  two branches (x, t, k [N]) -> v [N, D] of each row's branch k (the condition of `_network`).
+  """
   w = rng.normal(size=(num_branches, D, D)) / np.sqrt(D)
   c = rng.uniform(0.2, 1.0, size=num_branches)
 
@@ -25,90 +30,30 @@ def _field(rng, num_branches=1):
 
   w32, c32 = jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32)
 
-  def jax_fn(x, t):
-    return jnp.tanh(jnp.einsum("bd,kde->kbe", x, w32)) * (1 + t[:, None]) - c32[:, None, None] * x
+  def jax_fn(x, t, k=None):
+    k = jnp.zeros(x.shape[0], jnp.int32) if k is None else k
+    return jnp.tanh(jnp.einsum("nd,nde->ne", x, w32[k])) * (1 + t[:, None]) - c32[k][:, None] * x
 
   return np_fn, jax_fn
 
 
+def _network(jax_fn, scale=None):
+  """velocity_network of a `_field`: one branch, or guided with branches [0; 1] (the label is k)."""
+  if scale is None:
+    return sampling.velocity_network(lambda x, t: jax_fn(x, t))
+  return sampling.velocity_network(jax_fn, cond=jnp.zeros(B, jnp.int32), null_cond=1, cfg_scale=scale)
+
+
+def _guided(scale):
+  return lambda v: scale * v[0] + (1 - scale) * v[1]
+
+
 def _counted(fn, calls):
   """fn that appends to `calls` on the host each time it really runs (not when it is traced)."""
-  def wrapped(x, t):
+  def wrapped(x, *args):
     jax.debug.callback(lambda x: calls.append(1), x)
-    return fn(x, t)
+    return fn(x, *args)
   return wrapped
-
-
-def _mean_abs(a):
-  return np.mean(np.abs(a))
-
-
-def _decompose_np(v, x):
-  alpha = np.sum(v * x, 1) / np.sum(x * x, 1)
-  r = v - alpha[:, None] * x
-  r_norm = np.linalg.norm(r, axis=1)
-  return alpha, r_norm / np.linalg.norm(x, axis=1), r / r_norm[:, None]
-
-
-def _reference(np_fn, x, grid, kind, combine=lambda v: v[0], margins=None, **kw):
-  """Slow numpy sampler for one policy; returns (x0, nfe).
-
-  margins: a list that gets |statistic - threshold| / threshold of every dynamic decision.
-  """
-  def decide(statistic, threshold):
-    if margins is not None:
-      margins.append(abs(statistic - threshold) / threshold)
-    return statistic >= threshold
-
-  n = len(grid) - 1
-  nfe, acc = 0, 0.0
-  anchors, state = [], {}
-  for i in range(n):
-    t, s = grid[i], grid[i + 1]
-    forced = i == n - 1
-    if kind == "vde":
-      compute = i in vde.full_step_indices(n, kw["stable_step"], kw["interval"])
-    elif kind == "vde_adaptive":
-      compute = i <= kw["stable_step"] or forced
-      if not compute:
-        (t0, a0, b0), (t1, a1, b1) = anchors[-2:]
-        speed = np.mean(np.abs(a1 - a0) + np.abs(b1 - b0)) / abs(t1 - t0)
-        compute = decide(speed * abs(t - t1), kw["tolerance"])
-    elif kind == "teacache":
-      compute = forced or i == 0
-      if not compute:
-        acc += np.polyval(kw["coefficients"], _mean_abs(x - state["m"]) / _mean_abs(state["m"]))
-        compute = decide(acc, kw["threshold"])
-      acc = 0.0 if compute else acc
-      state["m"] = x
-    elif kind == "easycache":
-      compute = forced or i < kw["warmup"]
-      if not compute:
-        acc += state["k"] * _mean_abs(x - state["x_prev"]) / _mean_abs(state["v_full"])
-        compute = decide(acc, kw["tau"])
-      acc = 0.0 if compute else acc
-      state["x_prev"] = x
-    t_B = np.full(len(x), t)
-    if compute:
-      nfe += 1
-      v_K = np_fn(x, t_B)
-      if kind.startswith("vde"):
-        parts = [_decompose_np(v, x) for v in v_K]   # every branch on its own
-        if i >= kw["stable_step"] - 1:
-          anchors.append((t, np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])))
-        state["u"] = np.stack([p[2] for p in parts])
-      if kind == "easycache" and "v_full" in state:
-        state["k"] = _mean_abs(v_K - state["v_full"]) / _mean_abs(x - state["x_full"])
-      state["x_full"], state["v_full"] = x, v_K
-    elif kind.startswith("vde"):
-      (t0, a0, b0), (t1, a1, b1) = anchors[-2:]
-      alpha = a1 + (t - t1) * (a1 - a0) / (t1 - t0)
-      beta = b1 + (t - t1) * (b1 - b0) / (t1 - t0)
-      v_K = alpha[..., None] * x + (beta * np.linalg.norm(x, axis=1))[..., None] * state["u"]
-    else:   # teacache (residual v - x at this cut) and easycache (delta v - x) estimate alike
-      v_K = x + (state["v_full"] - state["x_full"])
-    x = x + (s - t) * combine(v_K)
-  return x, nfe
 
 
 def _run(net, x, policy, num_steps=STEPS):
@@ -116,67 +61,129 @@ def _run(net, x, policy, num_steps=STEPS):
                                                                             policy)
 
 
-# The float32 sampler and the float64 reference must take the same decisions, but a statistic within
-# rounding of its threshold may fall on either side (the float32 accumulators differ from the float64
-# ones by at most 2e-6 of the threshold, measured over 300 draws, and about 3% of draws have a margin
-# below 1e-3, so a few draws in 10^5 had a tie within rounding). A draw whose reference statistic
-# comes within TIE_MARGIN (relative) of its threshold at any decision is redrawn.
-TIE_MARGIN = 1e-3
-
-
-def _draw_away_from_ties(rng, kind, **kw):
-  """(np_fn, jax_fn, x_T, ref, ref_nfe): a field and x_T whose reference run has no near-tie."""
+def _draw_away_from_ties(rng, kind, num_branches=1, accept=lambda np_fn, x_T: True, **kw):
+  """(np_fn, jax_fn, x_T, ref, ref_nfe): a field and x_T whose reference run has no near-tie (and
+  that `accept`s). Two branches are mixed with guidance scale 3."""
   grid = np.asarray(flow.time_grid(STEPS), np.float64)
+  combine = _guided(3.0) if num_branches == 2 else (lambda v: v[0])
   for _ in range(50):                                    # P(50 redraws) < 1e-70
-    np_fn, jax_fn = _field(rng)
+    np_fn, jax_fn = _field(rng, num_branches)
     x_T = rng.normal(size=(B, D))
     margins = []
-    ref, ref_nfe = _reference(np_fn, x_T, grid, kind, margins=margins, **kw)
-    if min(margins, default=np.inf) >= TIE_MARGIN:
+    ref, ref_nfe = reference(np_fn, x_T, grid, kind, combine, margins=margins, **kw)
+    if min(margins, default=np.inf) >= TIE_MARGIN and accept(np_fn, x_T):
       return np_fn, jax_fn, x_T, ref, ref_nfe
   raise AssertionError(f"no draw without a near-tie in 50 tries ({kind})")
 
 
+# name: (policy, the reference's kind and settings)
 POLICIES = {
-    "vde": (lambda: sampling.vde(stable_step=3, interval=4), dict(stable_step=3, interval=4)),
-    "vde_adaptive": (lambda: sampling.vde_adaptive(0.3, stable_step=3),
+    "vde": (lambda: sampling.vde(stable_step=3, interval=4), "vde", dict(stable_step=3, interval=4)),
+    "vde_reorthogonal": (lambda: sampling.vde(stable_step=3, interval=4, reorthogonalize=True), "vde",
+                         dict(stable_step=3, interval=4, reorthogonalize=True)),
+    "vde_adaptive": (lambda: sampling.vde_adaptive(0.3, stable_step=3), "vde_adaptive",
                      dict(stable_step=3, tolerance=0.3)),
-    "teacache": (lambda: sampling.teacache(0.25, (0.5, 1.5, 0.0)),
+    "vde_residual": (lambda: sampling.vde_residual(0.1, stable_step=3, interval=2), "vde_residual",
+                     dict(stable_step=3, interval=2, tolerance=0.1)),
+    "vde_budget": (lambda: sampling.vde_budget(9, 0.1, stable_step=3), "vde_budget",
+                   dict(stable_step=3, budget=9, tolerance=0.1)),
+    "teacache": (lambda: sampling.teacache(0.25, (0.5, 1.5, 0.0)), "teacache",
                  dict(threshold=0.25, coefficients=(0.5, 1.5, 0.0))),
-    "easycache": (lambda: sampling.easycache(0.3, warmup=3), dict(tau=0.3, warmup=3)),
+    "easycache": (lambda: sampling.easycache(0.3, warmup=3), "easycache", dict(tau=0.3, warmup=3)),
 }
 
 
-@pytest.mark.parametrize("kind", POLICIES)
-def test_policy_matches_numpy_reference_and_really_skips_the_network(rng, kind):
-  make, kw = POLICIES[kind]
+@pytest.mark.parametrize("name", POLICIES)
+def test_policy_matches_numpy_reference_and_really_skips_the_network(rng, name):
+  make, kind, kw = POLICIES[name]
   np_fn, jax_fn, x_T, ref, ref_nfe = _draw_away_from_ties(rng, kind, **kw)
   calls = []
   net = sampling.velocity_network(_counted(jax_fn, calls))
   x0, nfe = _run(net, x_T, make())
-  assert int(nfe) == ref_nfe == len(calls), (int(nfe), ref_nfe, len(calls))
+  assert float(nfe) == ref_nfe == len(calls), (float(nfe), ref_nfe, len(calls))
   assert 2 < ref_nfe < STEPS   # the settings skip some steps and compute some
   np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4)
   # Not a sampler that just follows the field: skipping changed the result.
-  full = _reference(np_fn, x_T, np.asarray(flow.time_grid(STEPS), np.float64), "vde",
-                    stable_step=STEPS - 1, interval=1)[0]
+  full = reference(np_fn, x_T, np.asarray(flow.time_grid(STEPS), np.float64), "full")[0]
   assert np.abs(full - ref).max() > 1e-3
 
 
 def test_vde_decomposes_guidance_branches_separately(rng):
   np_fn, jax_fn = _field(rng, num_branches=2)
   scale = 3.0
-  combine = lambda v: scale * v[0] + (1 - scale) * v[1]
-  net = sampling.velocity_network(jax_fn, sampling.guidance(scale))
+  combine = _guided(scale)
+  net = _network(jax_fn, scale)
   x_T = rng.normal(size=(B, D))
   grid = np.asarray(flow.time_grid(STEPS), np.float64)
   x0, nfe = _run(net, x_T, sampling.vde(stable_step=2, interval=5))
   kw = dict(stable_step=2, interval=5)
-  ref, ref_nfe = _reference(np_fn, x_T, grid, "vde", combine, **kw)
+  ref, ref_nfe = reference(np_fn, x_T, grid, "vde", combine, **kw)
   np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4)
   # Decomposing the already guided velocity would be another (wrong) sampler.
-  mixed, _ = _reference(lambda x, t: combine(np_fn(x, t))[None], x_T, grid, "vde", **kw)
+  mixed, _ = reference(lambda x, t: combine(np_fn(x, t))[None], x_T, grid, "vde", **kw)
   assert np.abs(mixed - ref).max() > 1e-3
+
+
+def test_easycache_decides_on_the_conditional_branch(rng):
+  """With guidance, k and the output scale come from the conditional branch alone (as the public
+  code's "even" calls): the draw is one where deciding on both branches would differ."""
+  grid = np.asarray(flow.time_grid(STEPS), np.float64)
+  kw = dict(tau=0.3, warmup=3)
+
+  def both_branches_differ(np_fn, x_T):
+    run = lambda **more: reference(np_fn, x_T, grid, "easycache", _guided(3.0), **kw, **more)[1]
+    return run(branches=slice(None)) != run()
+
+  np_fn, jax_fn, x_T, ref, ref_nfe = _draw_away_from_ties(rng, "easycache", 2, both_branches_differ,
+                                                          **kw)
+  x0, nfe = _run(_network(jax_fn, 3.0), x_T, sampling.easycache(**kw))
+  assert float(nfe) == ref_nfe
+  np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4)
+
+
+def _evaluated_steps(fn, grid):
+  """(fn recording the time of every real call, the list of the steps called, filled on run)."""
+  times = []
+  def wrapped(x, t):
+    jax.debug.callback(lambda t: times.append(float(t[0])), t)
+    return fn(x, t)
+  return wrapped, lambda: [int(np.argmin(np.abs(np.asarray(grid) - t))) for t in times]
+
+
+def test_residual_rule_lengthens_the_interval_where_vde_is_exact(rng):
+  """Where the estimate is exact (v = alpha(t) x, alpha linear in t) the residual is ~0: each full
+  evaluation after the warm-up lengthens the interval by one (interval, interval + 1, ...)."""
+  # |alpha| >= 1/2 on [0, 1]: no zero of v, where the relative residual would be rounding over ~0.
+  a0 = rng.uniform(1, 2, size=(B, 1)) * rng.choice([-1, 1], size=(B, 1))
+  a1 = rng.uniform(-0.5, 0.5, size=(B, 1))
+  grid = flow.time_grid(30)
+  fn, steps = _evaluated_steps(lambda x, t: (a0 + a1 * t[:, None]) * x, grid)
+  stable, interval = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+  _, nfe = _run(sampling.velocity_network(fn), rng.normal(size=(B, D)),
+                sampling.vde_residual(0.5, stable_step=stable, interval=interval), num_steps=30)
+  expected = list(range(stable + 1))
+  while expected[-1] + interval < 29:
+    expected.append(expected[-1] + interval)
+    interval += 1
+  assert steps() == expected + [29] and float(nfe) == len(expected) + 1
+
+
+def test_budget_rule_spends_exactly_its_budget_when_the_residual_always_shortens(rng):
+  """tolerance 0: every residual > 0 shortens (-1), so the budget runs out before the last step
+  and the last interval jumps to it: NFE = budget exactly. A huge tolerance lengthens every
+  interval (+1) and stays within the budget."""
+  _, jax_fn = _field(rng)
+  net = _network(jax_fn)
+  x_T = rng.normal(size=(B, D))
+  stable = int(rng.integers(1, 6))
+  for budget in rng.choice(np.arange(stable + 2, STEPS + 1), size=2, replace=False):
+    assert float(_run(net, x_T, sampling.vde_budget(int(budget), 0.0, stable))[1]) == budget
+    assert float(_run(net, x_T, sampling.vde_budget(int(budget), 1e9, stable))[1]) <= budget
+
+
+def test_interval_change_has_a_dead_band():
+  error = jnp.asarray([0.0, 0.49, 0.5, 0.75, 1.0, 1.01, 5.0])
+  np.testing.assert_array_equal(sampling.interval_change(error, 1.0), [1, 1, 0, 0, 0, -1, -1])
 
 
 def test_vde_is_exact_for_a_field_linear_in_x_with_scalars_linear_in_t(rng):
@@ -186,27 +193,28 @@ def test_vde_is_exact_for_a_field_linear_in_x_with_scalars_linear_in_t(rng):
   # later steps extrapolated), 27 * 4 ulp * 2 = 1.3e-5 of x0. Its rtol is twice that (with normal
   # a0, a1 and rtol 1e-5, 1 draw in 400 failed); VDE's fixed schedule re-anchors every 5 steps.
   a0, a1 = rng.uniform(-1, 1, size=(2, B, 1))
-  fn = lambda x, t: ((a0 + a1 * t[:, None]) * x)[None]   # alpha(t) per sample, beta = 0
+  fn = lambda x, t: (a0 + a1 * t[:, None]) * x   # alpha(t) per sample, beta = 0
   net = sampling.velocity_network(fn)
   x_T = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
   ref, _ = _run(net, x_T, sampling.full(), num_steps=30)
   for policy, rtol in ((sampling.vde(6, 5), 1e-5), (sampling.vde_adaptive(1e3, stable_step=2), 3e-5)):
     x0, nfe = _run(net, x_T, policy, num_steps=30)
-    assert int(nfe) < 30
+    assert float(nfe) < 30
     np.testing.assert_allclose(x0, ref, rtol=rtol, atol=1e-5)
 
 
 def test_full_is_core_flow_euler_and_fewer_steps_its_shorter_grid(rng):
   _, jax_fn = _field(rng, num_branches=2)
   scale = float(rng.uniform(1.5, 4))
-  net = sampling.velocity_network(jax_fn, sampling.guidance(scale))
+  net = _network(jax_fn, scale)
   x_T = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-  guided = lambda x, t: scale * jax_fn(x, t)[0] + (1 - scale) * jax_fn(x, t)[1]
+  branch = lambda k: jnp.full(B, k, jnp.int32)
+  guided = lambda x, t: scale * jax_fn(x, t, branch(0)) + (1 - scale) * jax_fn(x, t, branch(1))
   for policy, steps in ((sampling.full(), STEPS), (sampling.fewer_steps(7), 7)):
     x0, nfe = _run(net, x_T, policy)
     ref = jax.jit(flow.euler_sample, static_argnums=0)(guided, x_T, flow.time_grid(steps, shift=1.0))
-    np.testing.assert_array_equal(x0, ref)
-    assert int(nfe) == steps
+    np.testing.assert_allclose(x0, ref, rtol=1e-6, atol=1e-6)
+    assert float(nfe) == steps
 
 
 def test_static_schedules_hold_no_network_call_at_skipped_steps(rng):
@@ -285,7 +293,12 @@ def test_accumulators_against_a_loop_on_random_sequences(rng, update):
     (lambda: sampling.vde_adaptive(-1.0), "tolerance"), (lambda: sampling.teacache(-0.1), "threshold"),
     (lambda: sampling.teacache(0.1, [[1.0]]), "coefficients"),
     (lambda: sampling.easycache(0.1, warmup=1), "warmup"), (lambda: sampling.fewer_steps(0), "n "),
-    (lambda: sampling.fora(0), "n "), (lambda: sampling.easycache("0.1"), "tau")])
+    (lambda: sampling.fora(0), "n "), (lambda: sampling.easycache("0.1"), "tau"),
+    (lambda: sampling.vde(6, 3, reorthogonalize=1), "reorthogonalize"),
+    (lambda: sampling.vde_residual(-0.1), "tolerance"),
+    (lambda: sampling.vde_residual(0.1, interval=0), "interval"),
+    (lambda: sampling.vde_budget(7, 0.1, stable_step=6), r"budget .* must be an int >= 8"),
+    (lambda: sampling.vde_budget(10, None), "tolerance")])
 def test_policies_reject_bad_settings(make, match):
   with pytest.raises(ValueError, match=match):
     make()
@@ -293,7 +306,8 @@ def test_policies_reject_bad_settings(make, match):
 
 @pytest.mark.parametrize("policy,steps,match", [
     (sampling.vde(6, 3), 6, "stable_step"), (sampling.vde_adaptive(0.1), 5, "stable_step"),
-    (sampling.easycache(0.1, warmup=4), 4, "warmup"), (sampling.full(), 1, "num_steps")])
+    (sampling.easycache(0.1, warmup=4), 4, "warmup"), (sampling.full(), 1, "num_steps"),
+    (sampling.vde_residual(0.1), 6, "stable_step"), (sampling.vde_budget(12, 0.1), 11, "budget")])
 def test_sampler_rejects_settings_that_do_not_fit_the_steps(rng, policy, steps, match):
   net = sampling.velocity_network(_field(rng)[1])
   with pytest.raises(ValueError, match=match):
