@@ -1,6 +1,5 @@
-"""The DiT cut into embed / blocks / head for the caching samplers, and TeaCache's calibration."""
+"""The DiT cut into embed / blocks / head for the caching samplers, and policies on it against loops."""
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 
 from core import flow
 from core.nn.dit import DiT, modulate
-from flowrl.cache import calibrate, sampling
+from flowrl.cache import sampling
 from tests.core.nn.random_params import random_params
 from tests.flowrl.cache.reference import TIE_MARGIN, reference
 
@@ -120,46 +119,6 @@ def test_dit_network_needs_labels_for_a_conditional_model(setup):
   model, params, *_ = setup
   with pytest.raises(ValueError, match="y"):
     sampling.dit_network(model, params, (H, W, C))
-
-
-def test_calibration_fit_recovers_a_polynomial(rng):
-  coefficients = rng.normal(size=5)
-  d_in = rng.uniform(0.01, 0.2, size=(30, 4))
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")      # a well-spread range: no ill-conditioning warning
-    result = calibrate.fit(d_in, np.polyval(coefficients, d_in))
-  np.testing.assert_allclose(result["coefficients"], coefficients, rtol=1e-4, atol=1e-6)
-  assert result["rmse"] < 1e-8 and result["points"] == 120
-  # The condition number is that of the degree-4 Vandermonde matrix (< 1e7 on this range).
-  np.testing.assert_allclose(result["condition_number"],
-                             np.linalg.cond(np.vander(d_in.ravel(), 5)), rtol=1e-6)
-
-
-def test_calibration_warns_when_the_fit_is_ill_conditioned(rng):
-  """Input changes in a range 1e-4 wide: a degree-4 fit's condition number is ~1e18 and its
-  coefficients huge; the warning names the condition number and the range."""
-  centre = rng.uniform(0.05, 0.2)
-  d_in = centre + rng.uniform(0, 1e-4, size=(16, 4))
-  d_out = 0.5 * d_in + 0.01 * rng.normal(size=d_in.shape)
-  with pytest.warns(RuntimeWarning, match=r"ill-conditioned: condition number .* over input changes in"):
-    result = calibrate.fit(d_in, d_out)
-  assert result["condition_number"] > calibrate.ILL_CONDITIONED
-
-
-def test_relative_changes_along_the_trajectory(rng):
-  w = jnp.asarray(rng.normal(size=(5, 5)) / 3, jnp.float32)
-  fn = lambda x, t: jnp.tanh(x @ w) * (1 + t[:, None]) - x
-  x_T = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
-  d_in, d_out = calibrate.relative_changes(sampling.velocity_network(fn), x_T, STEPS)
-  grid = np.asarray(flow.time_grid(STEPS))
-  xs, vs, x = [], [], np.asarray(x_T)
-  for i in range(STEPS):
-    v = np.asarray(fn(jnp.asarray(x), jnp.full((3,), grid[i])))
-    xs.append(x), vs.append(v)
-    x = x + (grid[i + 1] - grid[i]) * v
-  change = lambda a: np.abs(np.diff(a, axis=0)).mean(-1) / np.abs(np.asarray(a)[:-1]).mean(-1)
-  np.testing.assert_allclose(d_in, change(np.stack(xs)), rtol=1e-4)
-  np.testing.assert_allclose(d_out, change(np.stack(vs)), rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
