@@ -164,12 +164,12 @@ def rl(problem: str, preset: str, runs: str, seeds: int, recipe: str) -> dict:
   out = {"recipe": recipe, "samplers": {}}
   for sampler in SAMPLERS:
     variant = sampler if recipe == "matched" else f"{sampler}_published"
-    # A published recipe equal to the matched one (Precise's own) reuses the matched runs.
-    same = _precise.recipe(variant)[2] == _precise.recipe(sampler)[2]
+    if _precise.recipe(variant)[2] == _precise.recipe(sampler)[2]:
+      variant = sampler     # a published recipe equal to the matched one (Precise's): the same runs
     start = step0_rewards(grpo_config(problem, preset, variant, 0, runs))
     runs_S = []
     for seed in range(seeds):
-      workdir = os.path.join(runs, f"precise_{problem}_{sampler if same else variant}_s{seed}")
+      workdir = os.path.join(runs, f"precise_{problem}_{variant}_s{seed}")
       train_timed(grpo_config(problem, preset, variant, seed, runs), workdir)
       runs_S.append(run_curve(workdir))
     rates = [steady_rate(r["steps"], r["seconds"]) for r in runs_S]
