@@ -166,11 +166,13 @@ def test_adaptive_vde_rules_on_the_dit_match_a_python_loop(rng, name):
   np.testing.assert_allclose(np.asarray(x0).reshape(B, -1), ref, rtol=1e-4, atol=1e-4)
 
 
-def _teacache_loop(net, x, grid, threshold, margins):
+def _teacache_loop(net, x, grid, threshold, margins=None, accumulated=None):
   """TeaCache with per-branch accumulators as a Python loop over the network's pieces (d itself as
-  the rescaling): each branch's blocks run on its own rows when it computes. Returns (x0, nfe)."""
+  the rescaling): each branch's blocks run on its own rows when it computes. margins gets
+  |acc - threshold| / threshold of every decision, accumulated the accumulators [2] after each
+  unforced step. Returns (x0, nfe, the number of steps at which one branch computed alone)."""
   embed, signal, blocks, head = (jax.jit(f) for f in (net.embed, net.signal, net.blocks, net.head))
-  n, acc, nfe = len(grid) - 1, np.zeros(2), 0.0
+  n, acc, nfe, alone = len(grid) - 1, np.zeros(2), 0.0, 0
   m_prev = residual = None
   for i in range(n):
     t, s = grid[i], grid[i + 1]
@@ -180,8 +182,11 @@ def _teacache_loop(net, x, grid, threshold, margins):
     if 0 < i < n - 1:
       for k in range(2):
         acc[k] += np.mean(np.abs(m[k] - m_prev[k])) / np.mean(np.abs(m_prev[k]))
-        margins.append(abs(acc[k] - threshold) / threshold)
+        if margins is not None:
+          margins.append(abs(acc[k] / threshold - 1))
         compute[k] = bool(acc[k] >= threshold)
+      if accumulated is not None:
+        accumulated.append(acc.copy())
     acc[compute] = 0.0
     m_prev = m
     rows = lambda a, k: a[k * B:(k + 1) * B]
@@ -196,25 +201,51 @@ def _teacache_loop(net, x, grid, threshold, margins):
         h_used.append(rows(h, k) + rows(residual, k))
     residual = jnp.concatenate(new_residual)
     nfe += sum(compute) / 2
+    alone += sum(compute) == 1
     x = sampling.euler_step(net, x, t, s, head(jnp.concatenate(h_used), c))
-  return x, nfe
+  return x, nfe, alone
+
+
+def _splitting_thresholds(accumulated):
+  """Thresholds at which one branch computes alone at its first computation, widest margin first.
+
+  accumulated: the accumulators [2] after each unforced step of a run that never computes. A
+  threshold in (max(min_k A_k(i), max_k A_k(i - 1)), max_k A_k(i)) is first reached at step i, by
+  one branch only (the trajectory up to there is that run's); the geometric midpoint of the widest
+  such interval keeps the decisions farthest from a tie."""
+  candidates, reached = [], 0.0
+  for a in accumulated:
+    lo, hi = max(a.min(), reached), a.max()
+    if hi > lo > 0:
+      candidates.append((np.log(hi / lo), float(np.sqrt(lo * hi))))
+    reached = hi
+  return [threshold for _, threshold in sorted(candidates, reverse=True)]
 
 
 def test_teacache_decides_per_branch_and_computes_one_branch_alone(setup, rng):
   """The conditional and unconditional branches keep their own accumulators (their signals differ
-  through the label in the modulation), so at some thresholds only one branch computes at a step:
-  NFE x.5. At such a threshold (found with the loop) the sampler matches the per-branch loop, and
-  the blocks see B rows at those steps (counted: rows / (2 B) = NFE)."""
-  model, params, x, _, y = setup
-  net = sampling.dit_network(model, params, (H, W, C), y=y, cfg_scale=2.0)
+  through the label in the modulation, by 0.5-20% at a step), so at a threshold between their
+  accumulations only one branch computes at a step. There the sampler matches the per-branch loop,
+  and the blocks see the B rows of one branch (counted: rows / (2 B) = NFE). A draw whose widest
+  splits all come within TIE_MARGIN of a tie later in the run gets new weights."""
+  model, params, x, t, y = setup
   grid = np.asarray(flow.time_grid(STEPS))
-  for threshold in rng.permutation(np.geomspace(1e-2, 10, 60)):
-    margins = []
-    ref, ref_nfe = _teacache_loop(net, x, grid, float(threshold), margins)
-    if ref_nfe % 1 == 0.5 and min(margins) >= TIE_MARGIN:
-      break
+  for _ in range(5):
+    net = sampling.dit_network(model, params, (H, W, C), y=y, cfg_scale=2.0)
+    accumulated = []
+    _teacache_loop(net, x, grid, np.inf, accumulated=accumulated)
+    for threshold in _splitting_thresholds(accumulated)[:3]:
+      margins = []
+      ref, ref_nfe, alone = _teacache_loop(net, x, grid, threshold, margins)
+      if min(margins) >= TIE_MARGIN:
+        break
+    else:
+      params = random_params(model, rng, x, t, y)
+      continue
+    break
   else:
-    raise AssertionError("no threshold where one branch computes alone (without a near-tie)")
+    raise AssertionError("no splitting threshold without a near-tie in 5 draws of weights")
+  assert alone >= 1
   rows = []
 
   def blocks(h, c):
@@ -222,7 +253,10 @@ def test_teacache_decides_per_branch_and_computes_one_branch_alone(setup, rng):
     return net.blocks(h, c)
 
   x0, nfe = jax.jit(lambda x: sampling.sample_network(
-      net._replace(blocks=blocks), x, STEPS, sampling.teacache(float(threshold))))(x)
-  assert float(nfe) == ref_nfe and ref_nfe % 1 == 0.5
-  assert sum(rows) / (2 * B) == ref_nfe and B in rows
-  np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4)
+      net._replace(blocks=blocks), x, STEPS, sampling.teacache(threshold)))(x)
+  assert float(nfe) == ref_nfe
+  assert sum(rows) / (2 * B) == ref_nfe and rows.count(B) == alone
+  # Both in float32, but the blocks on B rows (the loop) and on 2 B rows (the sampler) round
+  # differently, and the random DiT amplifies that: in the one draw of 100 that failed an atol of
+  # 1e-4, the samples differed by 5e-5 of their largest entry (3e-5 with every step computed).
+  np.testing.assert_allclose(x0, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
