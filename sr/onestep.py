@@ -302,9 +302,10 @@ def init_onestep(config, model: SR, key) -> dict:
 def restore_onestep(config, workdir) -> tuple[SR, dict]:
   """The finished one-step run that pruned / encoder_free start from, with its LoRA merged."""
   path = run_path(config, workdir, "onestep_workdir")
-  train.restore_trained(path, int(onestep_config(config).train.num_steps), "sr (onestep)",
-                        f"config.sr.onestep_workdir={config.sr.onestep_workdir!r}")
-  teacher, params, _ = load(path)
+  params, teacher_config = train.restore_trained(
+      path, int(onestep_config(config).train.num_steps), "sr (onestep)",
+      f"config.sr.onestep_workdir={config.sr.onestep_workdir!r}")
+  teacher = build_sr(teacher_config, path, params)      # `load` without restoring it twice
   merged = {"dit": teacher.dit_params(params)}
   if "enc_lora" in params:
     merged["enc_lora"] = params["enc_lora"]
@@ -328,7 +329,8 @@ def init_from_onestep(config, workdir, model: SR) -> tuple[SR, dict]:
   x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
   sol = np.linalg.lstsq(x1, np.asarray(z_lr).reshape(len(x), -1), rcond=None)[0].astype(np.float32)
   full_decoder = model.ae.params["decoder"]
-  small = meta.unbox(model.decoder.init(jax.random.PRNGKey(0), z_lr[:1])["params"])
+  # Only the narrow decoder's shapes (initialising it eagerly compiled each of its ops: ~10 s).
+  small = meta.unbox(jax.eval_shape(model.decoder.init, jax.random.PRNGKey(0), z_lr[:1])["params"])
   params = {"proj": {"kernel": jnp.asarray(sol[:-1]), "bias": jnp.asarray(sol[-1])},
             "dit": merged["dit"], "decoder": prune.shrink_decoder(full_decoder, small)}
   return model, params

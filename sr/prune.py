@@ -134,7 +134,8 @@ def plan(scores: Importance, *, head_fraction: float, mlp_fraction: float, num_b
 
 
 def _take(a, idx, axis):
-  return jnp.take(jnp.asarray(a), jnp.asarray(idx, jnp.int32), axis=axis)
+  """a's entries idx along axis, taken on the host (an eager jnp.take compiled once per shape)."""
+  return jnp.asarray(np.take(np.asarray(a), np.asarray(idx, np.int64), axis=axis))
 
 
 def _prune_attention(attn: dict, heads: np.ndarray, head_dim: int, total: int) -> dict | None:

@@ -89,7 +89,7 @@ def evaluate(fn, pairs: dict, repeats: int) -> tuple[dict, np.ndarray]:
 
 def sr_rows(preset: str, runs: str, trained: dict) -> tuple[list[dict], dict]:
   s = SETTINGS[preset]
-  rows, outputs = [], {}
+  rows, outputs, models = [], {}, {}
   config = sana_sr.get_config(preset)
   pairs = onestep.eval_pairs(config, s["eval"])
   lr_shape = (1, *pairs["lr"].shape[1:])
@@ -109,6 +109,7 @@ def sr_rows(preset: str, runs: str, trained: dict) -> tuple[list[dict], dict]:
     trained[variant] = train_timed(sana_sr.get_config(f"{preset},{variant}"), path)
     model, params, _ = onestep.load(path)
     params = jax.tree.map(jnp.asarray, params)
+    models[variant] = (model, params)
     row, outputs[variant] = evaluate(jax.jit(lambda lr, m=model, p=params: m(p, lr)), pairs, s["repeats"])
     rows.append({"variant": variant, **onestep.costs(model, params, lr_shape), **row})
     writers.log(f"{variant}: PSNR {row['psnr']:.2f}, SSIM {row['ssim']:.3f}, {row['ms_median']:.1f} ms")
@@ -116,7 +117,7 @@ def sr_rows(preset: str, runs: str, trained: dict) -> tuple[list[dict], dict]:
     if name != "prior_softmax" or "onestep_softmax" in s["variants"]:
       trained[name] = train_timed(sana_sr.get_config(f"{preset},{name}"),
                                   os.path.join(runs, run_name(name, preset)))
-  return rows, {"pairs": pairs, "outputs": outputs}
+  return rows, {"pairs": pairs, "outputs": outputs, "models": models}
 
 
 def attention_sweep(preset: str, repeats: int) -> list[dict]:
@@ -128,7 +129,8 @@ def attention_sweep(preset: str, repeats: int) -> list[dict]:
     config.model.attention = attention
     model = flow_task.build_model(config)
     c = int(config.dcae.model.latent_channels)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, c)), jnp.zeros((1,)))["params"]
+    # Jitted: an eager init compiles each of its ops (seconds at the smoke sizes, for random weights).
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, c)), jnp.zeros((1,)))["params"]
     fn = jax.jit(lambda p, z: model.apply({"params": p}, z, jnp.full((1,), 0.999)))
     for size in SETTINGS[preset]["sweep"]:
       z = jax.random.normal(jax.random.PRNGKey(1), (1, size // factor, size // factor, c))
@@ -278,11 +280,12 @@ def data_cost(preset: str, trained: dict) -> dict:
           "step_ms": 1e3 * t["seconds"] / t["steps"]}
 
 
-def dit_pruning(preset: str, runs: str) -> dict:
-  """The DiT's parameters and MACs on an 8x8 latent before and after pruning."""
+def dit_pruning(models: dict) -> dict:
+  """The DiT's parameters and MACs on an 8x8 latent before and after pruning (models: variant ->
+  (model, params) as `sr_rows` loaded them)."""
   out = {}
   for variant in ("onestep", "pruned"):
-    model, params, _ = onestep.load(os.path.join(runs, run_name(variant, preset)))
+    model, params = models[variant]
     dit = model.base if variant == "onestep" else params["dit"]
     z = jax.ShapeDtypeStruct((1, 8, 8, model.ae.config.model.latent_channels), jnp.float32)
     macs = metrics.flops(lambda p, x, m=model.dit: m.apply({"params": p}, x, jnp.ones((1,))), dit, z)["macs"]
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
   rows, crops = sr_rows(args.preset, args.runs, trained)
   sweep = attention_sweep(args.preset, s["repeats"])
   data = data_cost(args.preset, trained)
-  pruning = dit_pruning(args.preset, args.runs) if "pruned" in s["variants"] else {}
+  pruning = dit_pruning(crops["models"]) if "pruned" in s["variants"] else {}
   paper = bench_sr.count(bench_sr.paper_models(), 512) if s["paper_costs"] else {}
   result = {"preset": args.preset, "settings": s, "seconds": time.perf_counter() - t0,
             "device": jax.devices()[0].device_kind, "hr_size": int(crops["pairs"]["hr"].shape[1]),
