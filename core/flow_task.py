@@ -51,12 +51,17 @@ def example_shape(config: ml_collections.ConfigDict, sources: Sources | None = N
 
 
 def to_model_input(example: dict, rng: np.random.Generator, config: ml_collections.ConfigDict) -> dict:
-  """One raw example -> {"x": float32 (images in [-1, 1]), "y": int32 label (0 when unconditional)}."""
+  """One raw example -> {"x": float32 (images in [-1, 1]), "y": int32 label (0 when unconditional)}.
+
+  With config.data.unseen_labels_null, a label >= model.num_classes becomes the null label
+  num_classes (the unconditional branch of CFG); otherwise labels are taken as they are."""
   if config.data.field == "image":
     if config.data.get("random_flip", False):
       example = data.random_flip(example, rng)
     example = data.to_float(example, rng)
   y = int(example[config.data.label_field]) if config.data.label_field else 0
+  if config.data.get("unseen_labels_null") and y >= config.model.num_classes:
+    y = config.model.num_classes    # a class the model lacks (e.g. a held-out photo): the null label
   return {"x": np.asarray(example[config.data.field], np.float32), "y": np.int32(y)}
 
 

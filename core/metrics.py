@@ -248,29 +248,46 @@ def clustered_se(successes_F, counts_F) -> float:
   return float(math.sqrt(f / (f - 1) * ((s_F - p * n_F) ** 2).sum()) / n_F.sum())
 
 
-def image_quality(x_BxHxWxC: jax.Array, reference_BxHxWxC: jax.Array, *,
-                  psnr_cap: float = 100.0) -> dict[str, float]:
-  """Mean and std over the batch of PSNR (at most psnr_cap: identical images have infinite PSNR) and
-  SSIM against the reference, for images in [-1, 1] (clipped to it, then mapped to [0, 1])."""
+def image_quality_per_sample(x_BxHxWxC: jax.Array, reference_BxHxWxC: jax.Array, *,
+                             psnr_cap: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+  """(PSNR [B] (at most psnr_cap: identical images have infinite PSNR), SSIM [B]) against the
+  reference, for images in [-1, 1] (clipped to it, then mapped to [0, 1])."""
   to01 = lambda x: jnp.clip((x + 1) / 2, 0.0, 1.0)
   a, b = to01(x_BxHxWxC), to01(reference_BxHxWxC)
-  psnr_B = np.minimum(np.asarray(psnr(a, b, data_range=1.0)), psnr_cap)
-  ssim_B = np.asarray(ssim(a, b, data_range=1.0))
+  psnr_B = np.minimum(np.asarray(psnr(a, b, data_range=1.0), np.float64), psnr_cap)
+  return psnr_B, np.asarray(ssim(a, b, data_range=1.0), np.float64)
+
+
+def image_quality(x_BxHxWxC: jax.Array, reference_BxHxWxC: jax.Array, *,
+                  psnr_cap: float = 100.0) -> dict[str, float]:
+  """Mean and std over the batch of `image_quality_per_sample`'s PSNR and SSIM."""
+  psnr_B, ssim_B = image_quality_per_sample(x_BxHxWxC, reference_BxHxWxC, psnr_cap=psnr_cap)
   return {"psnr": float(psnr_B.mean()), "psnr_std": float(psnr_B.std()),
           "ssim": float(ssim_B.mean()), "ssim_std": float(ssim_B.std())}
+
+
+def _seconds(call: Callable[[Any], Any], arg: Any) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(call(arg))
+  return time.perf_counter() - t0
 
 
 def paired_latencies(call: Callable[[Any], Any], a: Any, b: Any, repeats: int) -> tuple[float, float]:
   """Median seconds of call(a) and of call(b) over `repeats` alternating pairs, after a first
   (compiling) call of each: alternation exposes both to the same changes of machine load."""
-  def seconds(arg):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(arg))
-    return time.perf_counter() - t0
-
-  seconds(a), seconds(b)
-  pairs = [(seconds(a), seconds(b)) for _ in range(repeats)]
+  _seconds(call, a), _seconds(call, b)
+  pairs = [(_seconds(call, a), _seconds(call, b)) for _ in range(repeats)]
   return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def interleaved_latencies(call: Callable[[Any], Any], args: list, runs: int) -> list[float]:
+  """The minimum seconds of call(arg) for each of args over `runs` rounds, each round calling every
+  arg once in turn, after a first (compiling) call of each. Interleaving exposes every arg to the same
+  changes of machine load; the minimum is the run least disturbed by them."""
+  for arg in args:
+    _seconds(call, arg)
+  times = [[_seconds(call, arg) for arg in args] for _ in range(runs)]
+  return [min(column) for column in zip(*times)]
 
 
 # Resizing as MATLAB's imresize (the SR convention for making bicubic LR inputs, e.g. BasicSR's imresize)

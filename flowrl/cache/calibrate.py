@@ -19,8 +19,6 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -206,28 +204,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   main()
-
-
-def match_nfe(make: Callable[[float], Any], target: float, mean_nfe: Callable[[Any], float],
-              iters: int, start: float = 1e-3, limit: float = 1e6) -> tuple[float, list]:
-  """The smallest setting p (a threshold, tau or tolerance; geometric bisection) whose mean NFE is at
-  most `target`, for settings whose NFE falls as p grows: how the tables give every adaptive method
-  the NFE of a fixed schedule.
-
-  make: p -> policy; mean_nfe: policy -> mean NFE. Starting at `start`, p grows 4x until the NFE is
-  low enough, then `iters` bisection steps. Returns (p, the (p, NFE) pairs tried); when even
-  p = limit does not get down to target, p = limit.
-  """
-  tried = []
-  nfe = lambda p: tried.append((p, mean_nfe(make(p)))) or tried[-1][1]
-  lo, hi = start, start
-  while nfe(hi) > target:
-    if hi >= limit:
-      return hi, tried
-    lo, hi = hi, hi * 4
-  if hi == start:
-    return hi, tried
-  for _ in range(iters):
-    mid = float(np.sqrt(lo * hi))
-    lo, hi = (lo, mid) if nfe(mid) <= target else (mid, hi)
-  return hi, tried

@@ -783,16 +783,27 @@ def sample(model, params, x_T: jax.Array, num_steps: int, policy: Policy | str, 
   """
   policy = make_policy(policy)
   _check_inputs(model, params, x_T, y)
-  def run(x, labels):
-    net = dit_network(model, params, x.shape[1:], y=labels, cfg_scale=cfg_scale)
-    return sample_network(net, x, num_steps, policy, shift=shift)
+  make_net = lambda x, labels: dit_network(model, params, x.shape[1:], y=labels, cfg_scale=cfg_scale)
+  if per_sample:
+    return sample_each(make_net, x_T, num_steps, policy, y=y, shift=shift)
+  x, nfe = sample_network(make_net(x_T, y), x_T, num_steps, policy, shift=shift)
+  return x, jnp.full((x_T.shape[0],), nfe)
 
-  if not per_sample:
-    x, nfe = run(x_T, y)
-    return x, jnp.full((x_T.shape[0],), nfe)
+
+def sample_each(make_net: Callable[[jax.Array, Any], Network], x_T: jax.Array, num_steps: int,
+                policy: Policy | str, *, y: Any = None, shift: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """`sample_network` for each sample of x_T [B, ...] alone, so that every policy decides per sample
+  (the methods' public code generates one image at a time).
+
+  make_net(x [1, ...], y_1) -> the Network of a batch of one; y: the batch's condition (a pytree of
+  [B, ...] leaves, sliced per sample) or None. Returns (x0 [B, ...], nfe_B float32 [B]).
+  """
+  policy = make_policy(policy)
+
   def one(args):
     x, labels = args
-    x0, nfe = run(x[None], None if y is None else labels[None])
+    labels = None if y is None else jax.tree.map(lambda a: a[None], labels)
+    x0, nfe = sample_network(make_net(x[None], labels), x[None], num_steps, policy, shift=shift)
     return x0[0], nfe
 
   # lax.map is a scan: unlike vmap it keeps each sample's lax.cond a real branch.

@@ -274,3 +274,26 @@ def test_drop_labels_rate_and_values(rng, key):
   np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(labels)[~is_null])
   np.testing.assert_array_equal(flow.drop_labels(key_none, labels, 0.0, 1000), labels)
   assert bool(jnp.all(flow.drop_labels(key_all, labels, 1.0, 1000) == 1000))
+
+
+def test_image_crops_cond_labels_are_the_source_photo_and_held_out_photos_are_null():
+  from core import data, flow_task
+  from core.data import image_crops
+  from experiments.configs import flow_images
+  config = flow_images.get_config("smoke,image_crops_cond")
+  assert config.model.num_classes == len(image_crops.TRAIN_PHOTOS)
+  assert config.flow.shift == config.flow.sample_shift == 3.0
+  rng = np.random.default_rng(0)
+  for split, photos in (("train", image_crops.TRAIN_PHOTOS), ("eval", image_crops.EVAL_PHOTOS)):
+    source = data.load_in_memory("image_crops", split, config="s32")
+    idx = np.linspace(0, len(source) - 1, 8).astype(int)
+    ys = [int(flow_task.to_model_input(source[int(i)], rng, config)["y"]) for i in idx]
+    names = [image_crops.PHOTOS[int(source[int(i)]["source"])] for i in idx]
+    if split == "train":     # the photo's index among the training photos
+      assert ys == [image_crops.TRAIN_PHOTOS.index(n) for n in names]
+    else:                    # a held-out photo: the null label num_classes
+      assert set(names) <= set(photos) and ys == [config.model.num_classes] * len(ys)
+  # Without the flag labels are kept as they are (digits: 0-9 for 10 classes).
+  config.data.unseen_labels_null = False
+  eval_example = data.load_in_memory("image_crops", "eval", config="s32")[0]
+  assert int(flow_task.to_model_input(eval_example, rng, config)["y"]) == int(eval_example["source"])

@@ -1,11 +1,12 @@
-"""The VDE table script end to end at the smoke preset, and its NFE-matching search on a known answer."""
+"""The VDE table script end to end at the smoke preset, and its NFE matching, paired statistics and
+rule verdicts on known answers."""
 import json
 
 import numpy as np
 import pytest
 
+from core import metrics
 from experiments.tables import vde
-from flowrl.cache import calibrate
 from tests.experiments.smoke import run_table
 
 
@@ -15,40 +16,123 @@ def test_vde_table_smoke_writes_finite_results(tmp_path, smoke_runs):
   for name in ("vde.md", "vde.json", "vde_psnr_nfe.png", "vde_teacache_coefficients.json"):
     assert (out / name).stat().st_size > 0, name
   result = json.loads((out / "vde.json").read_text())
-  assert set(result["models"]) == set(vde.MODELS) == {"digits", "image_crops"}
-  coefficients = json.loads((out / "vde_teacache_coefficients.json").read_text())
-  steps = vde.SETTINGS["smoke"]["steps"]
+  assert set(result["models"]) == {*vde.MODELS, "testbed"}
+  s = vde.SETTINGS["smoke"]
+  methods = {"VDE", "Euler, fewer steps", "TeaCache", "FORA-style", *vde.RULES.values()}
   for name, block in result["models"].items():
-    assert (tmp_path / "runs" / f"{name}_smoke").is_dir(), name
+    assert block["cfg_scale"] == 4.0 and block["shift"] == 3.0, name    # the paper's regime
     rows = block["rows"]
-    methods = {row["method"] for row in rows}
-    assert {"VDE", "VDE-adaptive (ours)", "TeaCache", "EasyCache", "Euler, fewer steps"} <= methods
-    assert rows[0]["nfe"] == steps
-    for row in rows[1:]:
-      assert 2 <= row["nfe"] < steps and row["speedup"] > 0, (name, row)
-      assert np.isfinite([row["psnr"], row["ssim"], row["seconds"]]).all(), (name, row)
-    assert len(block["teacache"]["coefficients"]) == 5
-    assert coefficients[name] == block["teacache"]
-  # digits is class-conditional with CFG, image_crops unconditional (one branch, no labels)
-  digits, crops = result["models"]["digits"], result["models"]["image_crops"]
-  assert digits["guided"] and digits["image_shape"] == [16, 16, 1]
-  assert not crops["guided"] and crops["num_classes"] == 0 and crops["image_shape"] == [32, 32, 3]
-  assert crops["teacache"]["cfg_scale"] == 1.0
+    assert methods <= {r["method"] for r in rows}, name
+    assert sum(r["method"].startswith("EasyCache") for r in rows) == 2 * len(s["intervals"])
+    for r in rows:
+      assert np.isfinite([r["psnr"], r["ssim"], r["seconds"], r["speedup"]]).all(), (name, r)
+      assert 1 <= r["nfe"] < s["steps"], (name, r)
+      searched = r.get("searched")
+      if searched and len(searched["settings"]) == 2:       # bracketed: interpolated at the target
+        assert r["nfe"] == pytest.approx(r["target_nfe"]), (name, r)
+      if r["method"] not in ("VDE", "FORA-style"):
+        assert r["vs VDE"]["psnr"]["verdict"] in ("win", "loss", "tie"), (name, r)
+    tc = block["teacache"]
+    assert tc["constrained"] and tc["r2"] <= 1 and tc["calibrated"] == (tc["r2"] >= 0.5), name
+  digits, crops = result["models"]["digits"], result["models"]["image_crops_cond"]
+  assert digits["image_shape"] == [16, 16, 1] and crops["image_shape"] == [32, 32, 3]
+  assert crops["num_classes"] == 6 and crops["info"]["trained_shift"] == 3.0
+  assert (tmp_path / "runs" / "image_crops_cond_smoke").is_dir()
+  regression = result["regression"]
+  assert set(regression["by_interval"]) == {str(k) for k in s["intervals"]}
+  assert not regression["compared"] and not regression["reproduced"]   # cpu numbers only
+  assert set(result["rules"]["per_rule"]) == set(vde.RULES)
   md = (out / "vde.md").read_text()
-  sections = [md.index(f"## {vde.MODELS[name]['title']}") for name in ("digits", "image_crops")]
-  assert sections[0] < sections[1]
-  for part in (md[sections[0]:sections[1]], md[sections[1]:]):
-    assert "| VDE | interval 5 |" in part and "Reading: at NFE" in part
+  for title in [m["title"] for m in vde.MODELS.values()] + [vde.TESTBED["title"]]:
+    assert f"## {title}" in md
+  assert "## Adaptive intervals against the fixed schedule" in md and "## Regression" in md
 
 
-def test_match_nfe_finds_the_smallest_setting_reaching_the_target():
-  nfe_of = lambda p: 50 - 10 * np.log10(p / 1e-3)   # falls by 10 per decade from 50 at p = 1e-3
-  tried_policies = []
+def _family(rng, num_samples):
+  """A fake searched family: sample i needs NFE floor(a_i - 10 log10(p / 1e-3)), its 'image' is its
+  NFE (so quality is known), for random offsets a_i."""
+  a_N = rng.uniform(40, 50, num_samples)
+  calls = []
 
-  def mean_nfe(policy):
-    tried_policies.append(policy)
-    return float(np.floor(nfe_of(policy)))
+  def evaluate(p):
+    calls.append(p)
+    nfe_N = np.clip(np.floor(a_N - 10 * np.log10(p / 1e-3)), 1, None)
+    return nfe_N, nfe_N
 
-  p, tried = calibrate.match_nfe(lambda p: p, 22, mean_nfe, iters=20)
-  assert mean_nfe(p) <= 22 < mean_nfe(p * 0.999)
-  assert [q for q, _ in tried] == tried_policies[:len(tried)]
+  return evaluate, calls
+
+
+@pytest.mark.parametrize("target", [16, 18, 22])
+def test_bracket_and_interpolate_hit_the_target_nfe_exactly(rng, target):
+  evaluate, calls = _family(rng, 16)
+  memo = {}
+  lo, hi = vde.bracket(evaluate, lambda p: p, target, 12, memo)
+  (p_lo, (x_lo, nfe_lo)), (p_hi, (x_hi, nfe_hi)) = lo, hi
+  assert p_lo < p_hi and nfe_lo.mean() > target >= nfe_hi.mean()
+  assert len(memo) == len(calls) == len(set(calls))           # no setting evaluated twice
+  # Quality = the sample's NFE: interpolating it at the target must give the target on average.
+  out = vde.interpolate(lo, hi, target, lambda x: (x, 2 * x))
+  assert out["nfe"] == pytest.approx(target)
+  assert out["psnr_B"].mean() == pytest.approx(target) and out["ssim_B"].mean() == pytest.approx(2 * target)
+  np.testing.assert_allclose(out["psnr_B"], (1 - out["w"]) * x_lo + out["w"] * x_hi)
+  assert out["timed"] == (p_hi if out["w"] >= 0.5 else p_lo)
+  # A second target reuses the memo: only new settings are evaluated.
+  before = len(calls)
+  vde.bracket(evaluate, lambda p: p, target, 12, memo)
+  assert len(calls) == before
+
+
+def test_bracket_when_the_family_cannot_spend_the_target(rng):
+  evaluate, _ = _family(rng, 4)
+  lo, hi = vde.bracket(evaluate, lambda p: p, 60, 5, {})     # NFE <= 50 everywhere
+  assert lo is None and hi[0] == vde.SEARCH_START
+  out = vde.interpolate(lo, hi, 60, lambda x: (x, x))
+  assert out["nfe"] == pytest.approx(hi[1][1].mean()) and out["w"] == 1.0
+
+
+def test_paired_difference_and_verdict(rng):
+  base = rng.normal(30, 3, 64)
+  noise = rng.normal(0, 0.1, 64)
+  for shift, verdict in ((1.0, "win"), (-1.0, "loss"), (0.0, None)):
+    d = vde.paired(base + shift + noise, base)
+    diff = shift + noise
+    assert d["diff"] == pytest.approx(diff.mean())
+    assert d["se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(64))
+    expected = verdict or ("win" if diff.mean() > 2 * d["se"] else
+                           "loss" if diff.mean() < -2 * d["se"] else "tie")
+    assert d["verdict"] == expected
+  assert vde.paired(base, base)["verdict"] == "tie"
+
+
+def test_rule_verdicts_need_two_of_three_budgets_on_every_dit():
+  def result(wins):   # method -> verdicts at targets 22, 18, 16
+    rows = []
+    for method, verdicts in wins.items():
+      for target, v in zip((22, 18, 16), verdicts):
+        rows.append({"method": method, "target_nfe": target,
+                     "vs VDE": {"psnr": {"diff": 1.0 if v == "win" else 0.0, "se": 0.1, "verdict": v}}})
+    return {"rows": rows}
+
+  a, b, c, d = vde.RULES.values()
+  digits = result({a: ["win", "win", "tie"], b: ["win", "win", "win"], c: ["win"] * 3, d: ["tie"] * 3})
+  crops = result({a: ["win", "tie", "tie"], b: ["win", "tie", "win"], c: ["tie"] * 3, d: ["win"] * 3})
+  out = vde.rule_verdicts({"digits": digits, "image_crops_cond": crops})
+  assert out["default"] == "(b) residual"
+  assert out["per_rule"]["(a) alpha/beta speed"]["digits"][18]["verdict"] == "win"
+  out = vde.rule_verdicts({"digits": digits, "image_crops_cond": result({b: ["tie"] * 3, a: ["tie"] * 3,
+                                                                          c: ["tie"] * 3, d: ["tie"] * 3})})
+  assert out["default"] is None
+
+
+def test_interleaved_latencies_alternate_and_take_the_minimum(monkeypatch):
+  durations = {"a": [9, 3, 5, 4], "b": [9, 2, 2, 7], "c": [9, 6, 1, 8]}   # the first call compiles
+  calls, now = [], [0.0]
+
+  def call(arg):
+    calls.append(arg)
+    now[0] += durations[arg][calls.count(arg) - 1]
+
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  out = metrics.interleaved_latencies(call, ["a", "b", "c"], runs=3)
+  assert calls == ["a", "b", "c"] * 4       # one compiling round, then three interleaved ones
+  assert out == [3, 2, 1]
