@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-requirements
 TABLES := $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard experiments/tables/*.py)))))
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 
 .PHONY: tables test test-quick test-flake venv $(addprefix table-,$(TABLES))
 

@@ -41,10 +41,13 @@ PSNR_CAP = 100.0
 WIN_SE = 2.0
 # Per preset: Euler steps of the reference, VDE's stable_step and intervals (Flux: 6 and 3 / 4 / 5 of
 # 50 steps), evaluation samples (testbed: its own count), TeaCache's calibration samples, bisection
-# steps of the search per target (`bracket`), samples timed and interleaved timing rounds.
+# steps of the search per target (`bracket`), samples timed, interleaved timing rounds, and the DiTs
+# of MODELS evaluated (default: all).
 SETTINGS = {"smoke": {"steps": 12, "stable_step": 2, "intervals": [5], "samples": 4,
-                      "testbed_samples": 8, "calibration_samples": 4, "search_evals": 3,
-                      "timing_samples": 4, "timing_runs": 2},
+                      "testbed_samples": 8, "calibration_samples": 4, "search_evals": 2,
+                      "timing_samples": 4, "timing_runs": 2,
+                      # one DiT (the digits one runs the same code), to keep the suite's smoke short
+                      "models": ("image_crops_cond",)},
             "cpu": {"steps": 50, "stable_step": 6, "intervals": [3, 4, 5], "samples": 64,
                     "testbed_samples": 256, "calibration_samples": 64, "search_evals": 5,
                     "timing_samples": 16, "timing_runs": 7},
@@ -507,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
   s = SETTINGS[args.preset]
   t0 = time.perf_counter()
   results = {}
-  for name, spec in MODELS.items():
+  for name in s.get("models", MODELS):
+    spec = MODELS[name]
     m = dit_model(args.preset, args.runs, name, spec["suffix"], spec["cfg_scale"], spec["shift"])
     results[name] = run_model(m, s, name, s["samples"])
   results["testbed"] = run_model(testbed_model(), s, "testbed", s["testbed_samples"])
