@@ -76,10 +76,13 @@ def test_bracket_and_interpolate_hit_the_target_nfe_exactly(rng, target):
   assert out["psnr_B"].mean() == pytest.approx(target) and out["ssim_B"].mean() == pytest.approx(2 * target)
   np.testing.assert_allclose(out["psnr_B"], (1 - out["w"]) * x_lo + out["w"] * x_hi)
   assert out["timed"] == (p_hi if out["w"] >= 0.5 else p_lo)
-  # A second target reuses the memo: only new settings are evaluated.
+  # The memo is reused: with no bisection steps left the same bracket comes back without evaluating,
+  # and another target evaluates no setting twice.
   before = len(calls)
-  vde.bracket(evaluate, lambda p: p, target, 12, memo)
-  assert len(calls) == before
+  again = vde.bracket(evaluate, lambda p: p, target, 0, memo)
+  assert len(calls) == before and (again[0][0], again[1][0]) == (p_lo, p_hi)
+  (_, (_, nfe_lo2)), (_, (_, nfe_hi2)) = vde.bracket(evaluate, lambda p: p, target - 3, 12, memo)
+  assert nfe_lo2.mean() > target - 3 >= nfe_hi2.mean() and len(calls) == len(set(calls))
 
 
 def test_bracket_when_the_family_cannot_spend_the_target(rng):
