@@ -2,7 +2,7 @@
 
 Image quality (PSNR, SSIM, on RGB or on BT.601 luma; `image_quality` over a batch; the no-reference
 NIQE; CIEDE2000 colour error, also against a low-resolution input), model cost (parameters, FLOPs,
-paired latencies), distances between sample sets (energy distance, sliced W1, with bootstrap errors),
+interleaved latencies), distances between sample sets (energy distance, sliced W1, with bootstrap errors),
 per-class diversity, where a curve first reaches a target, and standard errors (of a mean, of a
 paired difference).
 
@@ -15,7 +15,6 @@ import functools
 import importlib.util
 import math
 import os
-import statistics
 import time
 from typing import Any, Callable
 
@@ -270,14 +269,6 @@ def _seconds(call: Callable[[Any], Any], arg: Any) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(call(arg))
   return time.perf_counter() - t0
-
-
-def paired_latencies(call: Callable[[Any], Any], a: Any, b: Any, repeats: int) -> tuple[float, float]:
-  """Median seconds of call(a) and of call(b) over `repeats` alternating pairs, after a first
-  (compiling) call of each: alternation exposes both to the same changes of machine load."""
-  _seconds(call, a), _seconds(call, b)
-  pairs = [(_seconds(call, a), _seconds(call, b)) for _ in range(repeats)]
-  return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def interleaved_latencies(call: Callable[[Any], Any], args: list, runs: int) -> list[float]:

@@ -194,10 +194,18 @@ def test_image_quality_is_per_image_psnr_and_ssim_on_the_unit_range(rng):
   assert metrics.image_quality(jnp.asarray(ref), jnp.asarray(ref), psnr_cap=55.0)["psnr"] == 55.0
 
 
-def test_paired_latencies_alternate_and_report_each_side():
-  calls = []
-  a, b = metrics.paired_latencies(lambda arg: calls.append(arg) or jnp.zeros(()), "a", "b", repeats=3)
-  assert calls == ["a", "b"] * 4 and a > 0 and b > 0
+def test_interleaved_latencies_alternate_and_take_the_minimum(monkeypatch):
+  durations = {"a": [9, 3, 5, 4], "b": [9, 2, 2, 7], "c": [9, 6, 1, 8]}   # the first call compiles
+  calls, now = [], [0.0]
+
+  def call(arg):
+    calls.append(arg)
+    now[0] += durations[arg][calls.count(arg) - 1]
+
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  out = metrics.interleaved_latencies(call, ["a", "b", "c"], runs=3)
+  assert calls == ["a", "b", "c"] * 4       # one compiling round, then three interleaved ones
+  assert out == [3, 2, 1]
 
 
 # NIQE references from BasicSR's own implementation: basicsr 1.4.2 (pip install basicsr==1.4.2 in a

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from core import metrics
 from experiments.tables import vde
 from tests.experiments.smoke import run_table
 
@@ -125,17 +124,3 @@ def test_rule_verdicts_need_two_of_three_budgets_on_every_dit():
   out = vde.rule_verdicts({"digits": digits, "image_crops_cond": result({b: ["tie"] * 3, a: ["tie"] * 3,
                                                                           c: ["tie"] * 3, d: ["tie"] * 3})})
   assert out["default"] is None
-
-
-def test_interleaved_latencies_alternate_and_take_the_minimum(monkeypatch):
-  durations = {"a": [9, 3, 5, 4], "b": [9, 2, 2, 7], "c": [9, 6, 1, 8]}   # the first call compiles
-  calls, now = [], [0.0]
-
-  def call(arg):
-    calls.append(arg)
-    now[0] += durations[arg][calls.count(arg) - 1]
-
-  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
-  out = metrics.interleaved_latencies(call, ["a", "b", "c"], runs=3)
-  assert calls == ["a", "b", "c"] * 4       # one compiling round, then three interleaved ones
-  assert out == [3, 2, 1]
