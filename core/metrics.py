@@ -273,11 +273,17 @@ def _seconds(call: Callable[[Any], Any], arg: Any) -> float:
 
 def interleaved_latencies(call: Callable[[Any], Any], args: list, runs: int) -> list[float]:
   """The minimum seconds of call(arg) for each of args over `runs` rounds, each round calling every
-  arg once in turn, after a first (compiling) call of each. Interleaving exposes every arg to the same
-  changes of machine load; the minimum is the run least disturbed by them."""
+  arg once, after a first (compiling) call of each. Interleaving exposes every arg to the same
+  changes of machine load; the minimum is the run least disturbed by them. The rounds alternate
+  direction (args, then args reversed), so that no arg always runs first or always follows the same
+  neighbour."""
   for arg in args:
     _seconds(call, arg)
-  times = [[_seconds(call, arg) for arg in args] for _ in range(runs)]
+  order = list(range(len(args)))
+  times = [[0.0] * len(args) for _ in range(runs)]
+  for r in range(runs):
+    for i in (order if r % 2 == 0 else order[::-1]):
+      times[r][i] = _seconds(call, args[i])
   return [min(column) for column in zip(*times)]
 
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from core import data
 from core.data import two_d
@@ -37,6 +36,8 @@ def digit_classifier(config_name: str = "r16") -> tuple[np.ndarray, np.ndarray]:
 
   Fitted once per process (about a second; lbfgs is deterministic) on images scaled to [-1, 1].
   """
+  from sklearn.linear_model import LogisticRegression  # here: importing sklearn costs ~1.3 s per
+  # process, and every CLI start imports this module through experiments.tasks
   train = data.load_in_memory("digits", "train", config=config_name).arrays
   x_NxF = (train["image"].astype(np.float32) / 127.5 - 1.0).reshape(len(train["image"]), -1)
   fit = LogisticRegression(max_iter=2000).fit(x_NxF, train["label"])

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage, signal, special
+from scipy import ndimage, special
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -157,6 +157,8 @@ def final_sinc_kernel(rng: np.random.Generator) -> np.ndarray:
 
 def filter2d(img_HxWxC: np.ndarray, kernel_KxK: np.ndarray) -> np.ndarray:
   """Correlation with an odd kernel under reflect padding (Real-ESRGAN's filter2D), same size."""
+  from scipy import signal  # here: scipy.signal imports scipy.stats (~1 s), and every CLI start
+  # imports this module through experiments.tasks
   p = kernel_KxK.shape[0] // 2
   padded = np.pad(img_HxWxC, ((p, p), (p, p), (0, 0)), mode="reflect")
   return signal.fftconvolve(padded, kernel_KxK[::-1, ::-1, None], mode="valid", axes=(0, 1))

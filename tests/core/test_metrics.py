@@ -204,7 +204,8 @@ def test_interleaved_latencies_alternate_and_take_the_minimum(monkeypatch):
 
   monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
   out = metrics.interleaved_latencies(call, ["a", "b", "c"], runs=3)
-  assert calls == ["a", "b", "c"] * 4       # one compiling round, then three interleaved ones
+  # One compiling round, then three interleaved ones in alternating directions.
+  assert calls == ["a", "b", "c"] * 2 + ["c", "b", "a"] + ["a", "b", "c"]
   assert out == [3, 2, 1]
 
 
