@@ -41,19 +41,19 @@ PSNR_CAP = 100.0
 WIN_SE = 2.0
 # Per preset: Euler steps of the reference, VDE's stable_step and intervals (Flux: 6 and 3 / 4 / 5 of
 # 50 steps), evaluation samples (testbed: its own count), TeaCache's calibration samples, bisection
-# steps of the search per target (`bracket`), samples timed, interleaved timing rounds, and the DiTs
-# of MODELS evaluated (default: all).
+# steps of the search per target (`bracket`), samples timed and per timed call, interleaved timing
+# rounds, and the DiTs of MODELS evaluated (default: all).
 SETTINGS = {"smoke": {"steps": 12, "stable_step": 2, "intervals": [5], "samples": 4,
-                      "testbed_samples": 8, "calibration_samples": 4, "search_evals": 2,
-                      "timing_samples": 4, "timing_runs": 2,
+                      "testbed_samples": 4, "calibration_samples": 4, "search_evals": 2,
+                      "timing_samples": 4, "timing_batch": 4, "timing_runs": 2,
                       # one DiT (the digits one runs the same code), to keep the suite's smoke short
                       "models": ("image_crops_cond",)},
             "cpu": {"steps": 50, "stable_step": 6, "intervals": [3, 4, 5], "samples": 64,
                     "testbed_samples": 256, "calibration_samples": 64, "search_evals": 5,
-                    "timing_samples": 16, "timing_runs": 11},
+                    "timing_samples": 16, "timing_batch": 1, "timing_runs": 11},
             "paper": {"steps": 50, "stable_step": 6, "intervals": [3, 4, 5], "samples": 256,
                       "testbed_samples": 1024, "calibration_samples": 128, "search_evals": 10,
-                      "timing_samples": 64, "timing_runs": 9}}
+                      "timing_samples": 64, "timing_batch": 1, "timing_runs": 9}}
 # The DiTs: the `flow_images` config argument is PRESET + suffix, the workdir RUNS/NAME_PRESET;
 # cfg_scale / shift: the sampling regime (None: the run's own).
 MODELS = {
@@ -279,19 +279,21 @@ def run_model(m: dict, s: dict, name: str, samples: int, searched: bool = True) 
                      for r in rows], "shift": shift, "cfg_scale": m["cfg_scale"]}
 
   # Interleaved timing of the reference and every row's policy (a searched row: the bracketing
-  # setting nearer its target) on the first timing_samples samples, one sample per call: a policy's
-  # seconds are the sum over samples of each call's minimum over the rounds. Calls of ~0.1 s rarely
-  # span a disturbance of the machine; timing all samples in one call (~1.5 s for the reference) put
-  # measured speed-ups up to 9% above their NFE ratio on this 2-core machine, since the reference's
-  # long calls never escaped them (a probe: +3.7% in one call, +0.8% one sample per call).
+  # setting nearer its target) on the first timing_samples samples, timing_batch samples per call
+  # (cpu: 1): a policy's seconds are the sum over its calls of each call's minimum over the rounds.
+  # Calls of ~0.1 s rarely span a disturbance of the machine; timing all samples in one call (~1.5 s
+  # for the reference) put measured speed-ups up to 9% above their NFE ratio on this 2-core machine,
+  # since the reference's long calls never escaped them (a probe: +3.7% in one call, +0.8% one sample
+  # per call). The smoke preset times its whole batch at once, reusing the evaluation's compilation.
   n = min(s["timing_samples"], samples)
-  x_1 = [x_T[i:i + 1] for i in range(n)]
-  y_1 = [None if y is None else y[i:i + 1] for i in range(n)]
+  chunks = [slice(i, min(i + s["timing_batch"], n)) for i in range(0, n, s["timing_batch"])]
+  xs = [x_T[c] for c in chunks]
+  ys = [None if y is None else y[c] for c in chunks]
   policies = [sampling.full()] + [r["policy"] for r in rows]
-  calls = [(k, i) for k in range(len(policies)) for i in range(n)]
-  per_call = metrics.interleaved_latencies(lambda c: run(policies[c[0]], x_1[c[1]], y_1[c[1]]), calls,
+  calls = [(k, j) for k in range(len(policies)) for j in range(len(chunks))]
+  per_call = metrics.interleaved_latencies(lambda c: run(policies[c[0]], xs[c[1]], ys[c[1]]), calls,
                                            s["timing_runs"])
-  seconds = [sum(per_call[k * n:(k + 1) * n]) for k in range(len(policies))]
+  seconds = [sum(per_call[k * len(chunks):(k + 1) * len(chunks)]) for k in range(len(policies))]
   timed_nfe = [float(np.mean(jax.device_get(run(r["policy"], x_T[:n], None if y is None else y[:n])[1])))
                for r in rows]
   by_target = {}
@@ -432,6 +434,7 @@ def testbed_description(result: dict) -> str:
 def markdown(results: dict, regression: dict, verdicts: dict, preset: str, seconds: float) -> str:
   s = SETTINGS[preset]
   first = next(iter(results.values()))
+  per_call = ("sample", "one sample") if s["timing_batch"] == 1 else ("call", f"{s['timing_batch']} samples")
   lines = [
       "# VDE: velocity decompose-and-estimate vs caching, at matched NFE", "",
       f"Written by `python -m experiments.tables.vde --preset {preset}` (this run: {seconds:.0f} s on "
@@ -446,9 +449,9 @@ def markdown(results: dict, regression: dict, verdicts: dict, preset: str, secon
       f"as many steps, ± its standard error over the samples; **win** / loss: beyond {WIN_SE:g} "
       "standard errors, otherwise a tie.",
       f"- Speed: the NFE ratio ({s['steps']} / NFE) is the primary column. The measured speed-up is "
-      f"the sum over the first {s['timing_samples']} samples of each sample's minimum time over "
-      f"{s['timing_runs']} interleaved rounds of the reference and every policy (one sample per call, "
-      "after compiling), of the setting timed "
+      f"the sum over the first {s['timing_samples']} samples of each {per_call[0]}'s minimum time over "
+      f"{s['timing_runs']} interleaved rounds of the reference and every policy ({per_call[1]} per "
+      "call, after compiling), of the setting timed "
       "(for a searched row the bracketing setting nearer its target, whose NFE on the timed samples "
       "is in brackets).",
       "- Every policy decides per sample. TeaCache keeps one accumulator per CFG branch and may "

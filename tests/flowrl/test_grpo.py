@@ -9,7 +9,7 @@ from scipy import stats
 
 import experiments.tasks  # noqa: F401  (registers the tasks)
 from core import flow, sharding, train
-from experiments.configs import flow_2d, precise_2d, precise_digits
+from experiments.configs import precise_2d, precise_digits
 from flowrl import grpo, rewards, samplers
 from flowrl import task as grpo_task
 
@@ -242,10 +242,9 @@ def test_digit_reward_is_the_classifiers_log_probability_of_the_label():
 
 
 @pytest.fixture(scope="module")
-def base_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("flowrl_base") / "flow_2d_smoke"
-  train.train(flow_2d.get_config("smoke"), str(workdir))
-  return str(workdir)
+def base_workdir(tmp_path_factory, smoke_runs):
+  """A copy of the session's shared flow_2d.py:smoke run (trained once, through the CLI)."""
+  return smoke_runs.copy("flow_2d_smoke", tmp_path_factory.mktemp("flowrl_base"))
 
 
 def _config(base_workdir, sampler="precise", **grpo_fields):

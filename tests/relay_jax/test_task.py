@@ -1,5 +1,6 @@
 """The relay tasks through the trainer: a sharded step with the rollout buffer, and the solve CLI."""
 import functools
+import pathlib
 
 import jax
 import numpy as np
@@ -60,10 +61,9 @@ def test_sharded_step_equals_single_device_step(objective, rng):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("relay_smoke")
-  train.train(relay_sudoku.get_config("smoke"), str(workdir))
-  return workdir
+def trained(tmp_path_factory, smoke_runs):
+  """A copy of the session's shared relay_sudoku.py:smoke run (trained once, through the CLI)."""
+  return pathlib.Path(smoke_runs.copy("relay_sudoku_relay_s0", tmp_path_factory.mktemp("relay_smoke")))
 
 
 @pytest.mark.slow
