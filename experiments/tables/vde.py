@@ -13,9 +13,10 @@ full-step Euler output of that noise. The fixed VDE schedules set three NFE targ
 method's setting is searched on the evaluation samples themselves and its per-sample quality
 interpolated linearly in NFE between the two settings that bracket the target, so every row sits at
 the exact target. Differences against fixed VDE and against Euler with as many steps carry their
-paired standard errors; a win needs more than 2 of them. Every policy is timed one sample per call
-in interleaved rounds (each call's minimum over `timing_runs`, summed over the samples). A regression section re-runs the fixed schedules on the unconditional
-image_crops DiT at shift 1 (the table before issue 17). Writes vde.md, vde.json, vde_psnr_nfe.png and
+paired standard errors; a win needs more than 2 of them. Every policy is timed in interleaved rounds,
+`timing_batch` samples per call (cpu: one), each call's minimum over `timing_runs` summed over the
+calls. A regression section re-runs the fixed schedules on the unconditional image_crops DiT at
+shift 1 (the table before issue 17). Writes vde.md, vde.json, vde_psnr_nfe.png and
 vde_teacache_coefficients.json into --out.
 """
 from __future__ import annotations
@@ -434,7 +435,8 @@ def testbed_description(result: dict) -> str:
 def markdown(results: dict, regression: dict, verdicts: dict, preset: str, seconds: float) -> str:
   s = SETTINGS[preset]
   first = next(iter(results.values()))
-  per_call = ("sample", "one sample") if s["timing_batch"] == 1 else ("call", f"{s['timing_batch']} samples")
+  per_call = (("sample", "one sample") if s["timing_batch"] == 1
+              else ("call", f"{s['timing_batch']} samples"))
   lines = [
       "# VDE: velocity decompose-and-estimate vs caching, at matched NFE", "",
       f"Written by `python -m experiments.tables.vde --preset {preset}` (this run: {seconds:.0f} s on "
