@@ -279,10 +279,9 @@ def interleaved_latencies(call: Callable[[Any], Any], args: list, runs: int) -> 
   neighbour."""
   for arg in args:
     _seconds(call, arg)
-  order = list(range(len(args)))
   times = [[0.0] * len(args) for _ in range(runs)]
   for r in range(runs):
-    for i in (order if r % 2 == 0 else order[::-1]):
+    for i in (range(len(args)) if r % 2 == 0 else reversed(range(len(args)))):
       times[r][i] = _seconds(call, args[i])
   return [min(column) for column in zip(*times)]
 
